@@ -1,0 +1,58 @@
+"""Pure array kernels: per-token log-probs / entropies / KLs and masks. No model code."""
+
+from alignjax.ops import logprobs, masking
+from alignjax.ops.logprobs import (
+    TokenStats,
+    completion_positions,
+    fused_token_entropy,
+    fused_token_kl,
+    fused_token_logps,
+    fused_token_stats,
+    ld_prefix_lengths,
+    ld_sum,
+    segment_counts,
+    segment_means,
+    segment_sums,
+    sequence_mean,
+    sequence_sum,
+    token_counts,
+    token_entropy,
+    token_kl,
+    token_logps,
+)
+from alignjax.ops.masking import (
+    length_mask,
+    mapo_activation_mask,
+    mapo_rescale,
+    next_token_alignment,
+    prompt_completion_masks,
+    truncate_sequence,
+)
+
+__all__ = [
+    "logprobs",
+    "masking",
+    "TokenStats",
+    "completion_positions",
+    "fused_token_entropy",
+    "fused_token_kl",
+    "fused_token_logps",
+    "fused_token_stats",
+    "ld_prefix_lengths",
+    "ld_sum",
+    "segment_counts",
+    "segment_means",
+    "segment_sums",
+    "sequence_mean",
+    "sequence_sum",
+    "token_counts",
+    "token_entropy",
+    "token_kl",
+    "token_logps",
+    "length_mask",
+    "mapo_activation_mask",
+    "mapo_rescale",
+    "next_token_alignment",
+    "prompt_completion_masks",
+    "truncate_sequence",
+]

@@ -1,0 +1,335 @@
+"""The fused LM head: per-token statistics from hidden states, never holding `[B, T, V]`.
+
+One kernel computes any subset of {policy log-prob of the label, policy entropy, reference
+log-prob of the label, KL(ref || policy)} from `hidden @ unembed (+ bias)`, with optional logit
+soft-capping (`cap * tanh(u / cap)`, Gemma 2) and temperature (`z / T`), in that order.
+
+Layout. The sequence axis is cut into chunks of `chunk_size` positions, keeping the batch axis
+whole so that a batch-sharded input stays sharded through the loop (flattening B*T would force
+GSPMD to reshard). Inside a chunk the vocabulary is optionally cut into blocks of
+`vocab_chunk_size` entries and reduced with an online (running-max) logsumexp, as in
+flash-attention; a trailing partial block is handled as its own static block, so `unembed` is
+never padded or copied.
+
+Memory. The forward pass keeps only `[B, T]` statistics (logsumexp, entropy); the backward pass
+recomputes each chunk's logits and accumulates `d unembed` in the compute dtype. Peak transient
+memory is O(B * chunk_size * vocab_chunk_size) instead of O(B * T * V).
+
+Cost. The recomputation makes this 4 matmuls of the LM-head size per forward+backward instead of
+the naive 3 (6 instead of 4 with a reference side): the price of bounded memory. The backward
+pass is still exact: dz = g_lp (onehot - p) - g_ent p (log p + H) + g_kl (p - p_ref).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+DEFAULT_CHUNK_ELEMENTS = 2**24  # logits entries per chunk: 64 MiB in float32
+
+
+class HeadConfig(NamedTuple):
+    """Static configuration of the fused head (hashable: it is a `nondiff_argnums` entry)."""
+
+    chunk_size: int
+    vocab_chunk_size: int
+    grad_block: int  # columns of d unembed accumulated per matmul in the backward pass
+    soft_cap: float | None
+    temperature: float
+    precision: Any
+    want_logps: bool
+    want_entropy: bool
+    want_ref_logps: bool
+    want_kl: bool
+
+    @property
+    def needs_ref(self) -> bool:
+        return self.want_ref_logps or self.want_kl
+
+
+def auto_chunk_size(batch: int, length: int, vocab_width: int, budget: int) -> int:
+    """Largest chunk (in positions) with batch * chunk * vocab_width <= budget, balanced over T."""
+    c = max(1, min(length, budget // max(1, batch * vocab_width)))
+    n = -(-length // c)
+    return -(-length // n)
+
+
+# --------------------------------------------------------------------------- layout helpers
+
+
+def _to_chunks(x, chunk: int, n: int):
+    """[B, T, ...] -> [n, B, chunk, ...], zero-padding T up to n * chunk."""
+    b, t = x.shape[:2]
+    if n * chunk != t:
+        x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+
+def _from_chunks(x, length: int):
+    """[n, B, chunk, ...] -> [B, length, ...]."""
+    n, b, c = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape(b, n * c, *x.shape[3:])[:, :length]
+
+
+def blocked_loop(body, carry, total: int, block: int):
+    """Apply `body(carry, start, size)` over [0, total) in blocks: full blocks in a fori_loop
+    (dynamic `start`), then the remainder as one static block; a single block runs inline."""
+    n, rem = divmod(total, block)
+    if n == 1 and rem == 0:
+        return body(carry, 0, total)
+    if n:
+        carry = lax.fori_loop(0, n, lambda i, c: body(c, i * block, block), carry)
+    if rem:
+        carry = body(carry, n * block, rem)
+    return carry
+
+
+def _slice(x, start, size: int, axis: int):
+    if x is None:
+        return None
+    return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def _logits(h, w, b, cfg: HeadConfig, dt):
+    u = jnp.einsum("bcd,dv->bcv", h, w, precision=cfg.precision, preferred_element_type=dt)
+    if b is not None:
+        u = u + b.astype(dt)
+    z = u
+    if cfg.soft_cap is not None:
+        z = cfg.soft_cap * jnp.tanh(u / cfg.soft_cap)
+    if cfg.temperature != 1.0:
+        z = z / cfg.temperature
+    return z
+
+
+def _dz_du(z, cfg: HeadConfig):
+    """d z / d u expressed through z (no need to keep u)."""
+    d = 1.0 / cfg.temperature
+    if cfg.soft_cap is not None:
+        t = z * (cfg.temperature / cfg.soft_cap)  # = tanh(u / cap)
+        d = d * (1.0 - t * t)
+    return d
+
+
+def _accumulate_columns(dw, start, h, du, cfg: HeadConfig, dt):
+    """dw[:, start:start+size] += h^T du, in column blocks of `cfg.grad_block`.
+
+    XLA:CPU does not fuse the add into the matmul, so one `h^T du` over a whole vocabulary
+    block would be a [D, size] temporary (as large as d unembed itself without vocab chunking).
+    """
+    size = du.shape[-1]
+
+    def body(acc, col, width):
+        part = jnp.einsum(
+            "bcd,bcv->dv",
+            h,
+            _slice(du, col, width, 2),
+            precision=cfg.precision,
+            preferred_element_type=dt,
+        )
+        at = start + col
+        return lax.dynamic_update_slice_in_dim(acc, _slice(acc, at, width, 1) + part, at, 1)
+
+    return blocked_loop(body, dw, size, min(cfg.grad_block, size))
+
+
+def _online_update(m, s, z):
+    """Running logsumexp step: returns (m_new, s_new, scale, e) with e = exp(z - m_new).
+
+    `m` starts at finfo.min rather than -inf so that it stays finite (no inf - inf) even for
+    blocks of -inf logits; exp(finfo.min - m_new) underflows to exactly 0.
+    """
+    m_new = jnp.maximum(m, jnp.max(z, axis=-1))
+    scale = jnp.exp(m - m_new)
+    e = jnp.exp(z - m_new[..., None])
+    return m_new, s * scale + jnp.sum(e, axis=-1), scale, e
+
+
+def _label_logit(z, labels, start, size: int):
+    local = labels - start
+    inside = (local >= 0) & (local < size)
+    picked = jnp.take_along_axis(z, jnp.clip(local, 0, size - 1)[..., None], axis=-1)[..., 0]
+    return jnp.where(inside, picked, 0.0), inside, local
+
+
+# ---------------------------------------------------------------------------------- forward
+
+
+def _chunk_stats(cfg: HeadConfig, dt, params, h, y, hr):
+    """Per-token statistics of one chunk. Returns a dict of [B, C] arrays."""
+    w, b, wr, br = params
+    zeros = jnp.zeros(h.shape[:2], dt)
+    ninf = jnp.full(h.shape[:2], jnp.finfo(dt).min, dt)
+    carry = {"m": ninf, "s": zeros}
+    if cfg.want_logps:
+        carry["t"] = zeros
+    if cfg.want_entropy:
+        carry["tz"] = zeros
+    if cfg.needs_ref:
+        carry.update(mr=ninf, sr=zeros)
+    if cfg.want_ref_logps:
+        carry["tr"] = zeros
+    if cfg.want_kl:
+        carry["a"] = zeros
+
+    def body(c, start, size):
+        c = dict(c)
+        z = _logits(h, _slice(w, start, size, 1), _slice(b, start, size, 0), cfg, dt)
+        m_old, s_old = c["m"], c["s"]
+        c["m"], c["s"], scale, e = _online_update(m_old, s_old, z)
+        if cfg.want_entropy:
+            # tz = sum e^(z - m) (z - m), re-based to the new running max m.
+            shift = jnp.where(s_old > 0, (m_old - c["m"]) * s_old, 0.0)
+            fresh = jnp.sum(jnp.where(e > 0, e * (z - c["m"][..., None]), 0.0), axis=-1)
+            c["tz"] = scale * (c["tz"] + shift) + fresh
+        if cfg.want_logps:
+            c["t"] = c["t"] + _label_logit(z, y, start, size)[0]
+        if cfg.needs_ref:
+            r = _logits(hr, _slice(wr, start, size, 1), _slice(br, start, size, 0), cfg, dt)
+            c["mr"], c["sr"], scale_r, er = _online_update(c["mr"], c["sr"], r)
+            if cfg.want_ref_logps:
+                c["tr"] = c["tr"] + _label_logit(r, y, start, size)[0]
+            if cfg.want_kl:
+                terms = jnp.where(er > 0, er * (r - z), 0.0)
+                c["a"] = c["a"] * scale_r + jnp.sum(terms, axis=-1)
+        return c
+
+    c = blocked_loop(body, carry, w.shape[1], cfg.vocab_chunk_size)
+    # log p = (z - m) - log s, never z - (m + log s): see alignjax/ops/_dense.py::_shifted.
+    ls = jnp.log(c["s"])
+    out = {"m": c["m"], "ls": ls}
+    if cfg.want_logps:
+        out["logps"] = (c["t"] - c["m"]) - ls
+    if cfg.want_entropy:
+        out["entropy"] = ls - c["tz"] / c["s"]
+    if cfg.needs_ref:
+        lsr = jnp.log(c["sr"])
+        out.update(mr=c["mr"], lsr=lsr)
+        if cfg.want_ref_logps:
+            out["ref_logps"] = (c["tr"] - c["mr"]) - lsr
+        if cfg.want_kl:
+            # KL = E_ref[r - z] - lse_r + lse_z, with each lse kept as (max, log-sum).
+            out["kl"] = c["a"] / c["sr"] - (c["mr"] - c["m"]) - lsr + ls
+    return out
+
+
+def _compute_dtype(*arrays):
+    return jnp.result_type(jnp.float32, *[a.dtype for a in arrays if a is not None])
+
+
+def _forward(cfg: HeadConfig, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias):
+    dt = _compute_dtype(hidden, unembed, bias, ref_hidden, ref_unembed, ref_bias)
+    length = hidden.shape[1]
+    n = -(-length // cfg.chunk_size)
+    hc = _to_chunks(hidden, cfg.chunk_size, n)
+    yc = None if labels is None else _to_chunks(labels, cfg.chunk_size, n)
+    hrc = None if ref_hidden is None else _to_chunks(ref_hidden, cfg.chunk_size, n)
+    params = (unembed, bias, ref_unembed, ref_bias)
+
+    def step(_, xs):
+        return None, _chunk_stats(cfg, dt, params, *xs)
+
+    _, stats = lax.scan(step, None, (hc, yc, hrc))
+    outputs = tuple(
+        _from_chunks(stats[k], length) if k in stats else None
+        for k in ("logps", "entropy", "ref_logps", "kl")
+    )
+    return outputs, stats, (hc, yc, hrc)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def fused_head(cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias):
+    """(logps, entropy, ref_logps, kl), each [B, T] or None when not requested by `cfg`."""
+    return _forward(cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias)[0]
+
+
+def _fused_head_fwd(cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias):
+    outputs, stats, chunks = _forward(
+        cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias
+    )
+    keep = {k: v for k, v in stats.items() if k in ("m", "ls", "entropy", "mr", "lsr")}
+    primals = (hidden, unembed, bias, ref_unembed, ref_bias)
+    return outputs, (primals, chunks, keep)
+
+
+# --------------------------------------------------------------------------------- backward
+
+
+def _fused_head_bwd(cfg, res, cotangents):
+    (hidden, unembed, bias, ref_unembed, ref_bias), (hc, yc, hrc), keep = res
+    g_lp, g_ent, _, g_kl = cotangents
+    dt = keep["ls"].dtype
+    length = hidden.shape[1]
+    n = hc.shape[0]
+
+    def chunk(g):
+        return None if g is None else _to_chunks(g.astype(dt), cfg.chunk_size, n)
+
+    g_lp = chunk(g_lp) if cfg.want_logps else None
+    g_ent = chunk(g_ent) if cfg.want_entropy else None
+    g_kl = chunk(g_kl) if cfg.want_kl else None
+
+    def body_for(h, y, hr, gl, ge, gk, st):
+        def body(c, start, size):
+            dh, dw, db = c
+            wb = _slice(unembed, start, size, 1)
+            z = _logits(h, wb, _slice(bias, start, size, 0), cfg, dt)
+            logp = (z - st["m"][..., None]) - st["ls"][..., None]
+            p = jnp.exp(logp)
+            dz = jnp.zeros_like(z)
+            if gl is not None:
+                _, inside, local = _label_logit(z, y, start, size)
+                onehot = (jnp.arange(size) == local[..., None]) & inside[..., None]
+                dz = dz + jnp.where(onehot, gl[..., None], 0.0) - p * gl[..., None]
+            if ge is not None:
+                h_term = jnp.where(p > 0, p * (logp + st["entropy"][..., None]), 0.0)
+                dz = dz - ge[..., None] * h_term
+            if gk is not None:
+                r = _logits(
+                    hr,
+                    _slice(ref_unembed, start, size, 1),
+                    _slice(ref_bias, start, size, 0),
+                    cfg,
+                    dt,
+                )
+                p_r = jnp.exp((r - st["mr"][..., None]) - st["lsr"][..., None])
+                dz = dz + gk[..., None] * (p - p_r)
+            du = dz * _dz_du(z, cfg)
+            dh = dh + jnp.einsum(
+                "bcv,dv->bcd",
+                du.astype(wb.dtype),
+                wb,
+                precision=cfg.precision,
+                preferred_element_type=dt,
+            )
+            dw = _accumulate_columns(dw, start, h, du.astype(h.dtype), cfg, dt)
+            if db is not None:
+                db_blk = jnp.sum(du, axis=(0, 1))
+                db_new = _slice(db, start, size, 0) + db_blk
+                db = lax.dynamic_update_slice_in_dim(db, db_new, start, 0)
+            return dh, dw, db
+
+        return body
+
+    def step(carry, xs):
+        dw, db = carry
+        h, y, hr, gl, ge, gk, st = xs
+        dh = jnp.zeros(h.shape, dt)
+        body = body_for(h, y, hr, gl, ge, gk, st)
+        dh, dw, db = blocked_loop(body, (dh, dw, db), unembed.shape[1], cfg.vocab_chunk_size)
+        return (dw, db), dh.astype(hidden.dtype)
+
+    dw0 = jnp.zeros(unembed.shape, dt)
+    db0 = None if bias is None else jnp.zeros(bias.shape, dt)
+    (dw, db), dhc = lax.scan(step, (dw0, db0), (hc, yc, hrc, g_lp, g_ent, g_kl, keep))
+    d_hidden = _from_chunks(dhc, length)
+    d_bias = None if bias is None else db.astype(bias.dtype)
+    # The reference side is a constant: None cotangents (zeros, never materialised).
+    return d_hidden, dw.astype(unembed.dtype), d_bias, None, None, None, None
+
+
+fused_head.defvjp(_fused_head_fwd, _fused_head_bwd)

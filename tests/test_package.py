@@ -1,0 +1,138 @@
+"""The package, its install metadata, the README commands and the main job stay consistent."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+import alignjax
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_lists():
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name in ("INSTALL_REQUIRES", "EXTRAS"):
+                values[name] = ast.literal_eval(node.value)
+    return values["INSTALL_REQUIRES"], values["EXTRAS"]
+
+
+def _constraints():
+    pins = {}
+    for line in (ROOT / ".ci" / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-")] = Version(version)
+    return pins
+
+
+def _readme_block(marker):
+    text = (ROOT / "README.md").read_text()
+    m = re.search(rf"<!-- {marker} -->\n```bash\n(.+?)\n```\n<!-- /{marker} -->", text, re.S)
+    assert m, f"README has no {marker} block"
+    return m.group(1).strip()
+
+
+def test_version():
+    assert Version(alignjax.__version__) >= Version("0.1.0")
+
+
+def test_constraints_satisfy_declared_ranges():
+    install, extras = _setup_lists()
+    pins = _constraints()
+    for spec in install + extras["dev"]:
+        req = Requirement(spec)
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in .ci/constraints.txt"
+        assert pins[name] in req.specifier, f"{name}=={pins[name]} violates {req.specifier}"
+
+
+def test_torch_is_only_an_exact_ref_pin():
+    install, extras = _setup_lists()
+    for spec in install + extras["dev"]:
+        assert Requirement(spec).name != "torch", "torch must never be a runtime/test dependency"
+    torch = [Requirement(s) for s in extras["ref"] if Requirement(s).name == "torch"]
+    assert len(torch) == 1 and str(torch[0].specifier) == "==2.13.0"
+    assert "torch" not in _constraints()
+
+
+def test_readme_commands_and_ci():
+    main, tests = _readme_block("main-command"), _readme_block("test-command")
+    assert "benchmarks/logprobs.py" in main and (ROOT / "benchmarks" / "logprobs.py").exists()
+    assert '".[dev]"' in tests and "pytest" in tests
+    for cmd in (main, tests):
+        assert cmd.startswith("python3 -m venv .venv && ")
+        assert "-c .ci/constraints.txt" in cmd
+    # .ci/run extracts exactly this line.
+    extracted = subprocess.run(
+        [
+            "bash",
+            "-c",
+            "sed -n '/<!-- test-command -->/,/<!-- \\/test-command -->/p' README.md "
+            "| grep -v -e '^<!--' -e '^```'",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert extracted == tests
+    assert "eval" in (ROOT / ".ci" / "run").read_text()
+
+
+ALL_VARIANTS = "naive_logps,token_logps,fused_logps,naive_kl,token_kl,fused_kl"
+
+
+@pytest.mark.parametrize("variants", [ALL_VARIANTS])
+def test_benchmark_runs_and_reports_ratios(tmp_path, variants):
+    """The main job's script works end to end on a tiny size (numbers are not asserted)."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "logprobs.py"),
+            "--bt",
+            "64",
+            "--d",
+            "16",
+            "--v",
+            "512",
+            "--reps",
+            "1",
+            "--variants",
+            variants,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "time / naive" in proc.stdout and "temp / naive" in proc.stdout
+    import json
+
+    results = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert {r["variant"] for r in results} == set(variants.split(","))
+    for r in results:
+        # Same inputs, same objective: the loss values agree across implementations.
+        assert r["value_rel_err"] <= 1e-5, r
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from alignjax.ops import logprobs
+
+    result = doctest.testmod(logprobs)
+    assert result.attempted > 0 and result.failed == 0

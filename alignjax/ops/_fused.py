@@ -4,12 +4,12 @@ One kernel computes any subset of {policy log-prob of the label, policy entropy,
 log-prob of the label, KL(ref || policy)} from `hidden @ unembed (+ bias)`, with optional logit
 soft-capping (`cap * tanh(u / cap)`, Gemma 2) and temperature (`z / T`), in that order.
 
-Layout. The sequence axis is cut into chunks of `chunk_size` positions, keeping the batch axis
-whole so that a batch-sharded input stays sharded through the loop (flattening B*T would force
-GSPMD to reshard). Inside a chunk the vocabulary is optionally cut into blocks of
-`vocab_chunk_size` entries and reduced with an online (running-max) logsumexp, as in
-flash-attention; a trailing partial block is handled as its own static block, so `unembed` is
-never padded or copied.
+Layout. The sequence axis is walked in chunks of `chunk_size` positions by dynamic slices of
+the caller's arrays (no transposed or padded copies), keeping the batch axis whole so that a
+batch-sharded input stays sharded through the loop. Inside a chunk the vocabulary is optionally
+cut into blocks of `vocab_chunk_size` entries and reduced with an online (running-max)
+logsumexp, as in flash-attention. A trailing partial chunk or block is handled as its own
+static block, so nothing (in particular `unembed`) is ever padded.
 
 Memory. The forward pass keeps only `[B, T]` statistics (logsumexp, entropy); the backward pass
 recomputes each chunk's logits and accumulates `d unembed` in the compute dtype. Peak transient
@@ -59,20 +59,6 @@ def auto_chunk_size(batch: int, length: int, vocab_width: int, budget: int) -> i
 
 
 # --------------------------------------------------------------------------- layout helpers
-
-
-def _to_chunks(x, chunk: int, n: int):
-    """[B, T, ...] -> [n, B, chunk, ...], zero-padding T up to n * chunk."""
-    b, t = x.shape[:2]
-    if n * chunk != t:
-        x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
-
-
-def _from_chunks(x, length: int):
-    """[n, B, chunk, ...] -> [B, length, ...]."""
-    n, b, c = x.shape[:3]
-    return jnp.moveaxis(x, 0, 1).reshape(b, n * c, *x.shape[3:])[:, :length]
 
 
 def blocked_loop(body, carry, total: int, block: int):
@@ -150,10 +136,11 @@ def _online_update(m, s, z):
 
 
 def _label_logit(z, labels, start, size: int):
+    """z[label] when the label falls in this vocabulary block [start, start + size), else 0."""
     local = labels - start
     inside = (local >= 0) & (local < size)
     picked = jnp.take_along_axis(z, jnp.clip(local, 0, size - 1)[..., None], axis=-1)[..., 0]
-    return jnp.where(inside, picked, 0.0), inside, local
+    return jnp.where(inside, picked, 0.0)
 
 
 # ---------------------------------------------------------------------------------- forward
@@ -187,12 +174,12 @@ def _chunk_stats(cfg: HeadConfig, dt, params, h, y, hr):
             fresh = jnp.sum(jnp.where(e > 0, e * (z - c["m"][..., None]), 0.0), axis=-1)
             c["tz"] = scale * (c["tz"] + shift) + fresh
         if cfg.want_logps:
-            c["t"] = c["t"] + _label_logit(z, y, start, size)[0]
+            c["t"] = c["t"] + _label_logit(z, y, start, size)
         if cfg.needs_ref:
             r = _logits(hr, _slice(wr, start, size, 1), _slice(br, start, size, 0), cfg, dt)
             c["mr"], c["sr"], scale_r, er = _online_update(c["mr"], c["sr"], r)
             if cfg.want_ref_logps:
-                c["tr"] = c["tr"] + _label_logit(r, y, start, size)[0]
+                c["tr"] = c["tr"] + _label_logit(r, y, start, size)
             if cfg.want_kl:
                 terms = jnp.where(er > 0, er * (r - z), 0.0)
                 c["a"] = c["a"] * scale_r + jnp.sum(terms, axis=-1)
@@ -221,24 +208,36 @@ def _compute_dtype(*arrays):
     return jnp.result_type(jnp.float32, *[a.dtype for a in arrays if a is not None])
 
 
+def _stat_keys(cfg: HeadConfig) -> list[str]:
+    keys = ["m", "ls"]
+    keys += ["logps"] if cfg.want_logps else []
+    keys += ["entropy"] if cfg.want_entropy else []
+    keys += ["mr", "lsr"] if cfg.needs_ref else []
+    keys += ["ref_logps"] if cfg.want_ref_logps else []
+    keys += ["kl"] if cfg.want_kl else []
+    return keys
+
+
 def _forward(cfg: HeadConfig, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias):
     dt = _compute_dtype(hidden, unembed, bias, ref_hidden, ref_unembed, ref_bias)
-    length = hidden.shape[1]
-    n = -(-length // cfg.chunk_size)
-    hc = _to_chunks(hidden, cfg.chunk_size, n)
-    yc = None if labels is None else _to_chunks(labels, cfg.chunk_size, n)
-    hrc = None if ref_hidden is None else _to_chunks(ref_hidden, cfg.chunk_size, n)
+    batch, length = hidden.shape[:2]
     params = (unembed, bias, ref_unembed, ref_bias)
 
-    def step(_, xs):
-        return None, _chunk_stats(cfg, dt, params, *xs)
+    def body(acc, start, size):
+        st = _chunk_stats(
+            cfg,
+            dt,
+            params,
+            _slice(hidden, start, size, 1),
+            _slice(labels, start, size, 1),
+            _slice(ref_hidden, start, size, 1),
+        )
+        return {k: lax.dynamic_update_slice_in_dim(v, st[k], start, 1) for k, v in acc.items()}
 
-    _, stats = lax.scan(step, None, (hc, yc, hrc))
-    outputs = tuple(
-        _from_chunks(stats[k], length) if k in stats else None
-        for k in ("logps", "entropy", "ref_logps", "kl")
-    )
-    return outputs, stats, (hc, yc, hrc)
+    init = {k: jnp.zeros((batch, length), dt) for k in _stat_keys(cfg)}
+    stats = blocked_loop(body, init, length, cfg.chunk_size)
+    outputs = tuple(stats.get(k) for k in ("logps", "entropy", "ref_logps", "kl"))
+    return outputs, stats
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -248,32 +247,24 @@ def fused_head(cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_
 
 
 def _fused_head_fwd(cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias):
-    outputs, stats, chunks = _forward(
-        cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias
-    )
+    outputs, stats = _forward(cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias)
     keep = {k: v for k, v in stats.items() if k in ("m", "ls", "entropy", "mr", "lsr")}
-    primals = (hidden, unembed, bias, ref_unembed, ref_bias)
-    return outputs, (primals, chunks, keep)
+    # Residuals: the caller's own arrays (no copies) and [B, T] statistics.
+    return outputs, ((hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias), keep)
 
 
 # --------------------------------------------------------------------------------- backward
 
 
 def _fused_head_bwd(cfg, res, cotangents):
-    (hidden, unembed, bias, ref_unembed, ref_bias), (hc, yc, hrc), keep = res
+    (hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias), keep = res
     g_lp, g_ent, _, g_kl = cotangents
     dt = keep["ls"].dtype
-    length = hidden.shape[1]
-    n = hc.shape[0]
+    g_lp = g_lp.astype(dt) if cfg.want_logps else None
+    g_ent = g_ent.astype(dt) if cfg.want_entropy else None
+    g_kl = g_kl.astype(dt) if cfg.want_kl else None
 
-    def chunk(g):
-        return None if g is None else _to_chunks(g.astype(dt), cfg.chunk_size, n)
-
-    g_lp = chunk(g_lp) if cfg.want_logps else None
-    g_ent = chunk(g_ent) if cfg.want_entropy else None
-    g_kl = chunk(g_kl) if cfg.want_kl else None
-
-    def body_for(h, y, hr, gl, ge, gk, st):
+    def vocab_body_for(h, y, hr, gl, ge, gk, st):
         def body(c, start, size):
             dh, dw, db = c
             wb = _slice(unembed, start, size, 1)
@@ -282,20 +273,15 @@ def _fused_head_bwd(cfg, res, cotangents):
             p = jnp.exp(logp)
             dz = jnp.zeros_like(z)
             if gl is not None:
-                _, inside, local = _label_logit(z, y, start, size)
-                onehot = (jnp.arange(size) == local[..., None]) & inside[..., None]
+                local = y - start
+                onehot = jnp.arange(size) == local[..., None]  # False outside this block
                 dz = dz + jnp.where(onehot, gl[..., None], 0.0) - p * gl[..., None]
             if ge is not None:
                 h_term = jnp.where(p > 0, p * (logp + st["entropy"][..., None]), 0.0)
                 dz = dz - ge[..., None] * h_term
             if gk is not None:
-                r = _logits(
-                    hr,
-                    _slice(ref_unembed, start, size, 1),
-                    _slice(ref_bias, start, size, 0),
-                    cfg,
-                    dt,
-                )
+                wr, br = _slice(ref_unembed, start, size, 1), _slice(ref_bias, start, size, 0)
+                r = _logits(hr, wr, br, cfg, dt)
                 p_r = jnp.exp((r - st["mr"][..., None]) - st["lsr"][..., None])
                 dz = dz + gk[..., None] * (p - p_r)
             du = dz * _dz_du(z, cfg)
@@ -308,25 +294,39 @@ def _fused_head_bwd(cfg, res, cotangents):
             )
             dw = _accumulate_columns(dw, start, h, du.astype(h.dtype), cfg, dt)
             if db is not None:
-                db_blk = jnp.sum(du, axis=(0, 1))
-                db_new = _slice(db, start, size, 0) + db_blk
+                db_new = _slice(db, start, size, 0) + jnp.sum(du, axis=(0, 1))
                 db = lax.dynamic_update_slice_in_dim(db, db_new, start, 0)
             return dh, dw, db
 
         return body
 
-    def step(carry, xs):
-        dw, db = carry
-        h, y, hr, gl, ge, gk, st = xs
-        dh = jnp.zeros(h.shape, dt)
-        body = body_for(h, y, hr, gl, ge, gk, st)
-        dh, dw, db = blocked_loop(body, (dh, dw, db), unembed.shape[1], cfg.vocab_chunk_size)
-        return (dw, db), dh.astype(hidden.dtype)
+    def chunk_body(carry, start, size):
+        d_hidden, dw, db = carry
 
-    dw0 = jnp.zeros(unembed.shape, dt)
-    db0 = None if bias is None else jnp.zeros(bias.shape, dt)
-    (dw, db), dhc = lax.scan(step, (dw0, db0), (hc, yc, hrc, g_lp, g_ent, g_kl, keep))
-    d_hidden = _from_chunks(dhc, length)
+        def rows(x):
+            return _slice(x, start, size, 1)
+
+        h = rows(hidden)
+        body = vocab_body_for(
+            h,
+            rows(labels),
+            rows(ref_hidden),
+            rows(g_lp),
+            rows(g_ent),
+            rows(g_kl),
+            {k: rows(v) for k, v in keep.items()},
+        )
+        dh = jnp.zeros(h.shape, dt)
+        dh, dw, db = blocked_loop(body, (dh, dw, db), unembed.shape[1], cfg.vocab_chunk_size)
+        d_hidden = lax.dynamic_update_slice_in_dim(d_hidden, dh.astype(hidden.dtype), start, 1)
+        return d_hidden, dw, db
+
+    init = (
+        jnp.zeros_like(hidden),
+        jnp.zeros(unembed.shape, dt),
+        None if bias is None else jnp.zeros(bias.shape, dt),
+    )
+    d_hidden, dw, db = blocked_loop(chunk_body, init, hidden.shape[1], cfg.chunk_size)
     d_bias = None if bias is None else db.astype(bias.dtype)
     # The reference side is a constant: None cotangents (zeros, never materialised).
     return d_hidden, dw.astype(unembed.dtype), d_bias, None, None, None, None

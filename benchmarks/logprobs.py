@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -117,7 +118,7 @@ def _child(args) -> dict:
     mib = 1024**2
     return {
         "variant": args.variant,
-        "time_s": sorted(times)[len(times) // 2],
+        "time_s": statistics.median(times),
         "temp_mib": mem.temp_size_in_bytes / mib,
         "total_mib": (
             mem.argument_size_in_bytes
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
     ap.add_argument("--d", type=int)
     ap.add_argument("--v", type=int)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", type=Path, default=RESULTS / "logprobs")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

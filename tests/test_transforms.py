@@ -165,3 +165,36 @@ class TransformsTest(chex.TestCase):
         same(np.asarray(s_out), ref_out)
         np.testing.assert_allclose(np.asarray(s_grad), ref_grad, **(MATMUL_ULPS if fused else ULP2))
         self.assertEqual(len(s_out.sharding.device_set), NDEV)
+
+
+def _masks(d):
+    ids = jnp.asarray(d["y"])
+    att = (jnp.asarray(d["seg"]) > 0).astype(jnp.int32)
+    labels, loss_mask = M.next_token_alignment(ids, att, d["m"], segment_ids=d["seg"])
+    lengths = jnp.sum(att, axis=-1)
+    a2, c2 = M.prompt_completion_masks(lengths // 2, lengths - lengths // 2, T)
+    return labels, loss_mask, a2, c2, L.completion_positions(d["m"])
+
+
+def test_masks_agree_across_transforms():
+    """Integer mask kernels: bitwise equal without jit, with jit, pmap and batch sharding."""
+    with jax.disable_jit():
+        ref = _masks(DATA)
+    got = [jax.jit(_masks)(DATA)]
+    batched = {k for k, v in DATA.items() if v.shape[0] == B and k != "w"}
+    split = {
+        k: (v.reshape(NDEV, B // NDEV, *v.shape[1:]) if k in batched else v)
+        for k, v in DATA.items()
+    }
+    in_axes = ({k: (0 if k in batched else None) for k in DATA},)
+    pm = jax.pmap(_masks, in_axes=in_axes)(split)
+    got.append(tuple(np.asarray(x).reshape(B, *x.shape[2:]) for x in pm))
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    sharded = {
+        k: jax.device_put(v, NamedSharding(mesh, P("data") if k in batched else P()))
+        for k, v in DATA.items()
+    }
+    got.append(jax.jit(_masks)(sharded))
+    for outs in got:
+        for a, b in zip(outs, ref):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

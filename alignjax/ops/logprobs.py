@@ -221,7 +221,7 @@ def fused_token_stats(
       soft_cap: logit soft-capping value (Gemma 2 uses 30.0), or None.
       temperature: logits are divided by it (sampling temperature), > 0.
       chunk_size: sequence positions per chunk; default: the largest with
-        `B * chunk_size * vocab_block <= chunk_elements`.
+        `B * chunk_size * vocab_block <= chunk_elements` (counting both sides with a reference).
       vocab_chunk_size: vocabulary entries per block (online logsumexp); default: all of V.
       chunk_elements: logits budget per chunk for the automatic `chunk_size`; the backward
         pass accumulates `d unembed` in column blocks of `chunk_elements / (4 D)`.
@@ -272,7 +272,9 @@ def fused_token_stats(
     batch, length = hidden.shape[:2]
     block = vocab if vocab_chunk_size is None else min(int(vocab_chunk_size), vocab)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(batch, length, block, chunk_elements)
+        # The budget covers every logits block alive at once: the reference side doubles it.
+        width = block * (2 if needs_ref else 1)
+        chunk_size = auto_chunk_size(batch, length, width, chunk_elements)
     cfg = HeadConfig(
         chunk_size=min(int(chunk_size), length),
         vocab_chunk_size=block,

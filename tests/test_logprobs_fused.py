@@ -289,3 +289,33 @@ def test_bad_inputs_raise_named_errors(rng):
     for call, name in cases:
         with pytest.raises(ValueError, match=name):
             call()
+
+
+def test_partial_requests(rng):
+    """Each statistic on its own (other outputs None), values and gradients."""
+    h, w, b, hr, wr, br, y, m = make(rng)
+    z, r = R.head_logits(h, w, b), R.head_logits(hr, wr, br)
+    s = L.fused_token_stats(
+        h,
+        w,
+        y,
+        m,
+        bias=b,
+        ref_hidden=hr,
+        ref_unembed=wr,
+        ref_bias=br,
+        ref_logps=True,
+        chunk_size=3,
+        vocab_chunk_size=5,
+    )
+    assert s.entropy is None and s.kl is None
+    assert rel(s.logps, R.token_logps(z, y, m)) <= 1e-6
+    assert rel(s.ref_logps, R.token_logps(r, y, m)) <= 1e-6
+    e = L.fused_token_stats(h, w, None, m, bias=b, entropy=True)
+    assert e.logps is None and e.ref_logps is None and e.kl is None
+    assert rel(e.entropy, R.token_entropy(z, m)) <= 1e-6
+    g = np.random.default_rng(3).standard_normal((B, T))
+    gm = np.where(m != 0, g, 0.0)
+    dh = jax.grad(lambda h: jnp.sum(g * L.fused_token_entropy(h, w, m, bias=b)))(h)
+    want = np.einsum("btv,dv->btd", R.grad_entropy(z, gm), w.astype(np.float64))
+    assert rel(dh, want) <= 1e-5

@@ -84,3 +84,80 @@ def test_gradients_match_trl_autograd(name):
         minus[idx] -= h
         got[idx] = (_run(name, plus, policy)[0] - _run(name, minus, policy)[0]) / (2 * h)
     assert np.max(np.abs(got - want)) <= tol * max(1.0, np.max(np.abs(want)))
+
+
+# ------------------------------------------------- CPO / SimPO / AlphaPO, ORPO, KTO (trl_other)
+
+OTHER = np.load(FIXTURE.with_name("trl_other.npz"))
+OTHER_META = json.loads(str(OTHER["meta_json"]))
+SEQ_CASES = sorted(OTHER_META["cases"]["sequence"])
+KTO_CASES = sorted(OTHER_META["cases"]["kto"])
+
+
+def _seq(name, chosen=None, rejected=None):
+    from numpy_other import cpo_losses, orpo_losses
+
+    cfg = OTHER_META["cases"]["sequence"][name]
+    c = OTHER["seq/chosen_logps"] if chosen is None else chosen
+    r = OTHER["seq/rejected_logps"] if rejected is None else rejected
+    if name.startswith("orpo"):
+        return orpo_losses(c, r, beta=cfg["beta"])
+    return cpo_losses(c, r, **cfg)
+
+
+@pytest.mark.parametrize("name", SEQ_CASES)
+def test_cpo_orpo_match_trl(name):
+    # ORPO's loss casts its inputs to float32 (`.float()`) inside TRL; CPO stays float64.
+    tol = 1e-6 if name.startswith("orpo") else 1e-12
+    out = _seq(name)
+    for got, key in zip(out[:3], ("losses", "chosen_rewards", "rejected_rewards")):
+        want = OTHER[f"{name}/{key}"]
+        assert np.max(np.abs(got - want)) <= tol * max(1.0, np.max(np.abs(want))), key
+    if name.startswith("orpo"):
+        assert abs(out[3] - float(OTHER[f"{name}/log_odds_ratio"])) <= tol
+        assert abs(out[4] - float(OTHER[f"{name}/log_odds_chosen"])) <= tol * 10
+    # d sum(losses) / d logps by central differences (each loss depends on its own pair only).
+    h = 1e-6
+    c, r = OTHER["seq/chosen_logps"], OTHER["seq/rejected_logps"]
+    fd_c = (_seq(name, c + h, r)[0] - _seq(name, c - h, r)[0]) / (2 * h)
+    fd_r = (_seq(name, c, r + h)[0] - _seq(name, c, r - h)[0]) / (2 * h)
+    gtol = 1e-6 if not name.startswith("orpo") else 1e-5  # TRL's ORPO gradient is float32
+    np.testing.assert_allclose(fd_c, OTHER[f"{name}/grad_chosen"], rtol=gtol, atol=gtol)
+    np.testing.assert_allclose(fd_r, OTHER[f"{name}/grad_rejected"], rtol=gtol, atol=gtol)
+
+
+def _kto(name, policy=None):
+    from numpy_other import kto_case
+
+    inp = {k.split("/", 1)[1]: OTHER[k] for k in OTHER.files if k.startswith("kto_inputs/")}
+    return kto_case(
+        inp["policy_logps"] if policy is None else policy,
+        inp["ref_logps"],
+        inp["kl_policy_logps"],
+        OTHER[f"{name}/kl_ref_logps"],
+        inp["completion_mask"],
+        inp["kl_completion_mask"],
+        inp["label"],
+        OTHER_META["cases"]["kto"][name],
+    )
+
+
+@pytest.mark.parametrize("name", KTO_CASES)
+def test_kto_matches_trl(name):
+    loss, metrics = _kto(name)
+    assert abs(loss - float(OTHER[f"{name}/loss"])) <= 1e-12
+    for key, value in metrics.items():
+        if f"{name}/{key}" in OTHER.files:
+            assert abs(value - float(OTHER[f"{name}/{key}"])) <= 1e-12, key
+    if name == "kto_kl_clamped":
+        assert float(OTHER[f"{name}/kl"]) == 0.0  # the clamp at 0 binds in this case
+    policy = np.asarray(OTHER["kto_inputs/policy_logps"], np.float64)
+    shift = OTHER["kto_inputs/completion_mask"][:, 1:] != 0
+    got = np.zeros_like(policy)
+    for idx in zip(*np.nonzero(shift)):
+        plus, minus = policy.copy(), policy.copy()
+        plus[idx] += 1e-6
+        minus[idx] -= 1e-6
+        got[idx] = (_kto(name, plus)[0] - _kto(name, minus)[0]) / 2e-6
+    want = OTHER[f"{name}/grad_policy_logps"]
+    assert np.max(np.abs(got - want)) <= 1e-6 * max(1.0, np.max(np.abs(want)))

@@ -1,0 +1,24 @@
+"""Pure loss functions: `(PreferenceBatch, **hyperparameters) -> LossOutput`, a registry by TRL
+`loss_type` name, and weighted combinations. More families (CPO/ORPO/KTO/BCO, SPPO, token-level
+TDPO/SparsePO/MaPO) join as they land."""
+
+from alignjax.losses.compose import available, combine, get, register
+from alignjax.losses.dpo import FORMULAS, dpo, f_score, pair_scores, wpo_weights
+from alignjax.losses.sft import sft
+from alignjax.losses.types import LossOutput, LossTerm, PreferenceBatch
+
+__all__ = [
+    "FORMULAS",
+    "LossOutput",
+    "LossTerm",
+    "PreferenceBatch",
+    "available",
+    "combine",
+    "dpo",
+    "f_score",
+    "get",
+    "pair_scores",
+    "register",
+    "sft",
+    "wpo_weights",
+]

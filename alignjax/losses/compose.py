@@ -1,0 +1,87 @@
+"""The loss registry and weighted combinations.
+
+`get(name)` returns a loss `(batch, **hyperparameters) -> LossOutput` by its TRL `loss_type`
+name (or the paper's name where TRL has none); `available()` lists the names; `register(name,
+fn)` adds a user-written loss. `combine([(name_or_fn, weight), ...])` builds one loss from
+several: the unreduced terms are kept side by side (so accumulation stays exact), per-example
+losses add with their weights, rewards come from the first term that defines them, and every
+term's metrics are kept (prefixed by the term name when two terms log the same key).
+
+Example (MPO, TRL's recipe):
+    >>> from alignjax.losses import combine
+    >>> mpo = combine([("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0)])
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax.numpy as jnp
+
+from alignjax.losses import dpo as _dpo
+from alignjax.losses.sft import sft as _sft
+from alignjax.losses.types import LossOutput, LossTerm
+
+LossFn = Callable[..., LossOutput]
+_REGISTRY: dict[str, LossFn] = {}
+
+
+def register(name: str, fn: LossFn, *, overwrite: bool = False) -> LossFn:
+    """Make `fn` reachable as `get(name)`."""
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"loss {name!r} is already registered; pass overwrite=True to replace it")
+    _REGISTRY[name] = fn
+    return fn
+
+
+def available() -> list[str]:
+    """Registered loss names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> LossFn:
+    """The registered loss called `name`; a ValueError lists the valid names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; available: {available()}") from None
+
+
+def combine(parts: Sequence[tuple[str | LossFn, float]], **shared) -> LossFn:
+    """sum_k w_k * loss_k as one loss. `shared` hyperparameters go to every part that takes them
+    (each part is called with `**shared`, then with its own bound keywords)."""
+    if not parts:
+        raise ValueError("`parts` must name at least one loss")
+    resolved = []
+    for spec, weight in parts:
+        fn = get(spec) if isinstance(spec, str) else spec
+        name = spec if isinstance(spec, str) else getattr(spec, "__name__", "custom")
+        resolved.append((name, fn, float(weight)))
+
+    def combined(batch, **kwargs) -> LossOutput:
+        outs = [(name, fn(batch, **{**shared, **kwargs}), w) for name, fn, w in resolved]
+        terms, metrics = {}, {}
+        for name, out, w in outs:
+            for key, term in out.terms.items():
+                key = key if key not in terms else f"{name}/{key}"
+                terms[key] = LossTerm(term.total, term.count, term.weight * w)
+            for key, value in out.metrics.items():
+                metrics[key if key not in metrics else f"{name}/{key}"] = value
+        losses = sum(w * out.losses for _, out, w in outs)
+        rewarded = [out for name, out, _ in outs if name != "sft"] or [outs[0][1]]
+        metrics.update({f"loss/{n}": jnp.mean(o.losses) for n, o, _ in outs})
+        return LossOutput(
+            terms=terms,
+            losses=losses,
+            chosen_rewards=rewarded[0].chosen_rewards,
+            rejected_rewards=rewarded[0].rejected_rewards,
+            metrics=metrics,
+        )
+
+    return combined
+
+
+for _name in _dpo.FORMULAS:
+    register(_name, functools.partial(_dpo.dpo, loss_type=_name))
+register("sft", _sft)

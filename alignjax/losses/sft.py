@@ -1,0 +1,29 @@
+"""Supervised terms on the chosen completions: NLL (TRL's `sft` loss type) and token accuracy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from alignjax.losses.types import LossOutput, LossTerm, PreferenceBatch, masked_sum
+
+
+def sft(batch: PreferenceBatch, **_unused) -> LossOutput:
+    """Token-mean NLL of the chosen completions, -mean_{t in y_w} log pi(y_t).
+
+    Kept as (sum over tokens, number of tokens), so micro-batch and multi-device averages are
+    token means over the whole batch. TRL 1.16's `sft` loss type; RPO (Pang et al. 2024,
+    arXiv:2404.19733) is `sigmoid` + rpo_alpha * `sft`. Extra keyword arguments (the shared
+    hyperparameters of a combination) are ignored.
+    """
+    total = -jnp.sum(masked_sum(batch.chosen_logps, batch.chosen_mask))
+    count = jnp.sum(batch.chosen_mask != 0).astype(total.dtype)
+    per_example = -masked_sum(batch.chosen_logps, batch.chosen_mask)
+    zeros = jnp.zeros_like(per_example)
+    return LossOutput(
+        terms={"sft": LossTerm(total, count, 1.0)},
+        losses=jnp.broadcast_to(total / jnp.maximum(count, 1.0), per_example.shape),
+        chosen_rewards=zeros,
+        rejected_rewards=zeros,
+        metrics={"nll/chosen": jax.lax.stop_gradient(total / jnp.maximum(count, 1.0))},
+    )

@@ -2,13 +2,18 @@
 `loss_type` name, and weighted combinations. More families (CPO/ORPO/KTO/BCO, SPPO, token-level
 TDPO/SparsePO/MaPO) join as they land."""
 
+from alignjax.losses import reference_free
 from alignjax.losses.compose import available, combine, get, register
 from alignjax.losses.dpo import FORMULAS, dpo, f_score, pair_scores, wpo_weights
+from alignjax.losses.reference_free import alphapo_reward, cpo, orpo
 from alignjax.losses.sft import sft
 from alignjax.losses.types import LossOutput, LossTerm, PreferenceBatch
 
 __all__ = [
     "FORMULAS",
+    "alphapo_reward",
+    "cpo",
+    "orpo",
     "LossOutput",
     "LossTerm",
     "PreferenceBatch",
@@ -18,6 +23,7 @@ __all__ = [
     "f_score",
     "get",
     "pair_scores",
+    "reference_free",
     "register",
     "sft",
     "wpo_weights",

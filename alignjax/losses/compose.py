@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 
 from alignjax.losses import dpo as _dpo
+from alignjax.losses import reference_free as _rf
 from alignjax.losses.sft import sft as _sft
 from alignjax.losses.types import LossOutput, LossTerm
 
@@ -85,3 +86,6 @@ def combine(parts: Sequence[tuple[str | LossFn, float]], **shared) -> LossFn:
 for _name in _dpo.FORMULAS:
     register(_name, functools.partial(_dpo.dpo, loss_type=_name))
 register("sft", _sft)
+register("cpo", _rf.cpo)
+register("simpo", functools.partial(_rf.cpo, loss_type="simpo", cpo_alpha=0.0))
+register("orpo", _rf.orpo)

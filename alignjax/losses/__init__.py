@@ -8,6 +8,7 @@ from alignjax.losses.dpo import FORMULAS, dpo, f_score, pair_scores, wpo_weights
 from alignjax.losses.reference_free import alphapo_reward, cpo, orpo
 from alignjax.losses.sft import sft
 from alignjax.losses.types import LossOutput, LossTerm, PreferenceBatch
+from alignjax.losses.unpaired import UnpairedBatch, kto
 
 __all__ = [
     "FORMULAS",
@@ -17,6 +18,8 @@ __all__ = [
     "LossOutput",
     "LossTerm",
     "PreferenceBatch",
+    "UnpairedBatch",
+    "kto",
     "available",
     "combine",
     "dpo",

@@ -7,6 +7,7 @@ from alignjax.losses.compose import available, combine, get, register
 from alignjax.losses.dpo import FORMULAS, dpo, f_score, pair_scores, wpo_weights
 from alignjax.losses.reference_free import alphapo_reward, cpo, orpo
 from alignjax.losses.sft import sft
+from alignjax.losses.sppo import sppo, sppo_single, win_probabilities
 from alignjax.losses.types import LossOutput, LossTerm, PreferenceBatch
 from alignjax.losses.unpaired import UnpairedBatch, kto
 
@@ -29,5 +30,8 @@ __all__ = [
     "reference_free",
     "register",
     "sft",
+    "sppo",
+    "sppo_single",
+    "win_probabilities",
     "wpo_weights",
 ]

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from alignjax.losses import dpo as _dpo
 from alignjax.losses import reference_free as _rf
+from alignjax.losses import sppo as _sppo
 from alignjax.losses import unpaired as _unpaired
 from alignjax.losses.sft import sft as _sft
 from alignjax.losses.types import LossOutput, LossTerm
@@ -90,5 +91,7 @@ register("sft", _sft)
 register("cpo", _rf.cpo)
 register("simpo", functools.partial(_rf.cpo, loss_type="simpo", cpo_alpha=0.0))
 register("orpo", _rf.orpo)
+register("sppo", _sppo.sppo)
+register("sppo_single", _sppo.sppo_single)
 register("kto", _unpaired.kto)
 register("apo_zero_unpaired", functools.partial(_unpaired.kto, loss_type="apo_zero_unpaired"))

@@ -8,6 +8,7 @@ from alignjax.losses.dpo import FORMULAS, dpo, f_score, pair_scores, wpo_weights
 from alignjax.losses.reference_free import alphapo_reward, cpo, orpo
 from alignjax.losses.sft import sft
 from alignjax.losses.sppo import sppo, sppo_single, win_probabilities
+from alignjax.losses.token import mapo, sparsepo, tdpo
 from alignjax.losses.types import LossOutput, LossTerm, PreferenceBatch
 from alignjax.losses.unpaired import UnpairedBatch, kto
 
@@ -21,6 +22,9 @@ __all__ = [
     "PreferenceBatch",
     "UnpairedBatch",
     "kto",
+    "mapo",
+    "sparsepo",
+    "tdpo",
     "available",
     "combine",
     "dpo",

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from alignjax.losses import dpo as _dpo
 from alignjax.losses import reference_free as _rf
 from alignjax.losses import sppo as _sppo
+from alignjax.losses import token as _token
 from alignjax.losses import unpaired as _unpaired
 from alignjax.losses.sft import sft as _sft
 from alignjax.losses.types import LossOutput, LossTerm
@@ -93,5 +94,9 @@ register("simpo", functools.partial(_rf.cpo, loss_type="simpo", cpo_alpha=0.0))
 register("orpo", _rf.orpo)
 register("sppo", _sppo.sppo)
 register("sppo_single", _sppo.sppo_single)
+register("tdpo1", functools.partial(_token.tdpo, version=1))
+register("tdpo2", functools.partial(_token.tdpo, version=2))
+register("sparsepo", _token.sparsepo)
+register("mapo", _token.mapo)
 register("kto", _unpaired.kto)
 register("apo_zero_unpaired", functools.partial(_unpaired.kto, loss_type="apo_zero_unpaired"))

@@ -36,6 +36,10 @@ class PreferenceBatch:
       chosen_kl, rejected_kl: optional `[B, T]` per-token KL(ref || policy).
       chosen_log_sum_sq, rejected_log_sum_sq: optional `[B, T]` log sum_v p_v^2 (WPO).
       chosen_win_prob, rejected_win_prob, win_prob: optional `[B]` SPPO probabilities.
+      chosen_reward_mask, rejected_reward_mask: optional `[B, T]` token weights m_u >= 0 on the
+        log-ratios (SparsePO's reward mask, MaPO's activation mask).
+      chosen_kl_mask, rejected_kl_mask: optional `[B, T]` token weights m_d >= 0 on the KL
+        terms (SparsePO's independent KL mask; the reward mask is used when absent).
     """
 
     chosen_logps: jax.Array
@@ -51,6 +55,10 @@ class PreferenceBatch:
     chosen_win_prob: jax.Array | None = None
     rejected_win_prob: jax.Array | None = None
     win_prob: jax.Array | None = None
+    chosen_reward_mask: jax.Array | None = None
+    rejected_reward_mask: jax.Array | None = None
+    chosen_kl_mask: jax.Array | None = None
+    rejected_kl_mask: jax.Array | None = None
 
     def __post_init__(self):
         c = self.chosen_logps
@@ -106,7 +114,7 @@ class PreferenceBatch:
         if ref_logps is not None:
             kw.update(ref_chosen_logps=ref_logps[:h], ref_rejected_logps=ref_logps[h:])
         for key, value in fields.items():
-            if key in ("kl", "log_sum_sq"):
+            if key in ("kl", "log_sum_sq", "reward_mask", "kl_mask"):
                 kw[f"chosen_{key}"], kw[f"rejected_{key}"] = value[:h], value[h:]
             else:
                 kw[key] = value

@@ -162,3 +162,68 @@ def test_missing_fields():
         L.tdpo(plain)
     with pytest.raises(ValueError, match="version"):
         L.tdpo(batch, version=3)
+
+
+def test_constrained_sft_schedule_objective_and_surrogate(x64):
+    rng = np.random.default_rng(8)
+    pol = -rng.gamma(2.0, 0.7, (3, 9))
+    ref = pol + rng.normal(0, 0.4, (3, 9))
+    m = np.array([[0, 0, 1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0, 0, 0, 0], [0] * 9])
+    batch = L.PreferenceBatch(
+        jnp.asarray(pol),
+        jnp.asarray(pol),
+        jnp.asarray(m),
+        jnp.asarray(m),
+        jnp.asarray(ref),
+        jnp.asarray(ref),
+    )
+    beta_t = np.asarray(L.constrained_beta_schedule(m))
+    np.testing.assert_allclose(beta_t[0, 2:], [0.5, 2.0, 2.0, 2.0, 2.0, 0.1, 0.1], rtol=1e-12)
+    # Objective: token mean of (2 / beta_t) softplus(-beta_t Delta_t), a NumPy loop.
+    total, count = 0.0, 0
+    for b in range(3):
+        for t in range(9):
+            if m[b, t]:
+                d, bt = pol[b, t] - ref[b, t], beta_t[b, t]
+                total += (2 / bt) * np.logaddexp(0.0, -bt * d)
+                count += 1
+    out = L.token_constrained_sft(batch)
+    np.testing.assert_allclose(out.loss, total / count, rtol=1e-12)
+
+    # The official surrogate has the objective's gradient (where its 1e-3 floor is inactive).
+    def grad(surrogate):
+        def f(lp):
+            b = L.PreferenceBatch(
+                lp,
+                batch.rejected_logps,
+                batch.chosen_mask,
+                batch.rejected_mask,
+                batch.ref_chosen_logps,
+                batch.ref_rejected_logps,
+            )
+            return L.token_constrained_sft(b, surrogate=surrogate).loss
+
+        return np.asarray(jax.grad(f)(batch.chosen_logps))
+
+    np.testing.assert_allclose(grad(True), grad(False), rtol=1e-12, atol=1e-15)
+    # Small beta approaches SFT: the gradient tends to -1/count per token.
+    small = L.token_constrained_sft(batch, beta=1e-6, first_token_factor=1.0, bias_factor=1.0)
+    g = jax.grad(
+        lambda lp: (
+            L.token_constrained_sft(
+                L.PreferenceBatch(
+                    lp,
+                    batch.rejected_logps,
+                    batch.chosen_mask,
+                    batch.rejected_mask,
+                    batch.ref_chosen_logps,
+                    batch.ref_rejected_logps,
+                ),
+                beta=1e-6,
+                first_token_factor=1.0,
+                bias_factor=1.0,
+            ).loss
+        )
+    )(batch.chosen_logps)
+    np.testing.assert_allclose(np.asarray(g)[m != 0], -1.0 / count, rtol=1e-5)
+    assert np.isfinite(float(small.loss))

@@ -8,7 +8,13 @@ from alignjax.losses.dpo import FORMULAS, dpo, f_score, pair_scores, wpo_weights
 from alignjax.losses.reference_free import alphapo_reward, cpo, orpo
 from alignjax.losses.sft import sft
 from alignjax.losses.sppo import sppo, sppo_single, win_probabilities
-from alignjax.losses.token import mapo, sparsepo, tdpo
+from alignjax.losses.token import (
+    constrained_beta_schedule,
+    mapo,
+    sparsepo,
+    tdpo,
+    token_constrained_sft,
+)
 from alignjax.losses.types import LossOutput, LossTerm, PreferenceBatch
 from alignjax.losses.unpaired import UnpairedBatch, kto
 
@@ -25,6 +31,8 @@ __all__ = [
     "mapo",
     "sparsepo",
     "tdpo",
+    "token_constrained_sft",
+    "constrained_beta_schedule",
     "available",
     "combine",
     "dpo",

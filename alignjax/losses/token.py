@@ -1,4 +1,5 @@
-"""Token-level pairwise objectives: TDPO1/2, SparsePO and MaPO (specs/losses.md section 5).
+"""Token-level objectives: TDPO1/2, SparsePO, MaPO and Qi et al.'s token-wise constrained SFT
+(specs/losses.md section 5).
 
 With Delta_t = log pi(y_t) - log pi_ref(y_t) and KL_t = KL(pi_ref || pi)(. | x, y_<t) per
 completion token (`chosen_kl` / `rejected_kl`, e.g. from `ops.fused_token_stats(kl=True)`):
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from alignjax.losses.types import LossOutput, LossTerm, PreferenceBatch, masked_sum, reward_metrics
+from alignjax.ops import completion_positions
 
 log_sigmoid = jax.nn.log_sigmoid
 
@@ -145,3 +147,65 @@ def mapo(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     u_w, u_l, d_w, d_l = _masked_terms(batch, m_w, m_l, m_w, m_l)
     losses = -log_sigmoid(beta * ((u_w - u_l) - (d_l - d_w)))
     return _output("mapo", losses, beta * (u_w - d_w), beta * (u_l - d_l), batch)
+
+
+def constrained_beta_schedule(
+    mask, *, beta=0.1, first_token_factor=5.0, bias_factor=20.0, bias_length=5
+):
+    """Qi et al.'s per-position beta_t (official `get_beta_list`): beta * first_token_factor at the
+    first response token, beta * bias_factor for positions 2..bias_length, beta after. With the
+    defaults: 0.5, 2.0 (t = 2..5), 0.1 (t > 5), the paper's values."""
+    pos = completion_positions(mask)
+    return jnp.where(
+        pos == 1, beta * first_token_factor, jnp.where(pos <= bias_length, beta * bias_factor, beta)
+    )
+
+
+def token_constrained_sft(
+    batch: PreferenceBatch,
+    *,
+    beta: float = 0.1,
+    first_token_factor: float = 5.0,
+    bias_factor: float = 20.0,
+    bias_length: int = 5,
+    surrogate: bool = False,
+) -> LossOutput:
+    """Token-wise constrained fine-tuning (Qi et al. 2024, arXiv:2406.05946 Eq. 3; official
+    `soft_sft_loss`) on the chosen completions, against the aligned model (the reference).
+
+    objective: mean_t (2 / beta_t) softplus(-beta_t Delta_t) = -mean_t (2/beta_t) log s(beta_t
+    Delta_t); small beta_t approaches cross-entropy, large beta_t pins the token to the aligned
+    model. `surrogate=True` gives the official code's gradient-equivalent form
+    -mean_t sg(w_t) log pi(y_t), w_t = max(2 (1 - s(beta_t Delta_t)), 1e-3). Both are token
+    means over the batch, kept as (sum, count).
+    """
+    _check(beta)
+    if batch.ref_chosen_logps is None or batch.ref_chosen_logps.ndim != 2:
+        raise ValueError("token_constrained_sft needs per-token `ref_chosen_logps` `[B, T]`")
+    mask = batch.chosen_mask
+    beta_t = constrained_beta_schedule(
+        mask,
+        beta=beta,
+        first_token_factor=first_token_factor,
+        bias_factor=bias_factor,
+        bias_length=bias_length,
+    )
+    delta = _delta(batch, "chosen")
+    if surrogate:
+        w = lax.stop_gradient(jnp.maximum(2.0 * (1.0 - jax.nn.sigmoid(beta_t * delta)), 1e-3))
+        per_token = -w * batch.chosen_logps
+    else:
+        per_token = (2.0 / beta_t) * jax.nn.softplus(-beta_t * delta)
+    per_row = masked_sum(per_token, mask)
+    count = jnp.sum(mask != 0).astype(per_row.dtype)
+    name = "token_constrained_sft"
+    zeros = jnp.zeros_like(per_row)
+    return LossOutput(
+        terms={name: LossTerm(jnp.sum(per_row), count)},
+        losses=per_row / jnp.maximum(jnp.sum(mask != 0, axis=-1), 1),
+        chosen_rewards=zeros,
+        rejected_rewards=zeros,
+        metrics={
+            "delta/mean": lax.stop_gradient(masked_sum(delta, mask).sum() / jnp.maximum(count, 1.0))
+        },
+    )

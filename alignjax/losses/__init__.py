@@ -7,6 +7,7 @@ from alignjax.losses.compose import available, combine, get, register
 from alignjax.losses.dpo import FORMULAS, dpo, f_score, pair_scores, wpo_weights
 from alignjax.losses.reference_free import alphapo_reward, cpo, orpo
 from alignjax.losses.sft import sft
+from alignjax.losses.sparse_mask import SparseMaskHead
 from alignjax.losses.sppo import sppo, sppo_single, win_probabilities
 from alignjax.losses.token import (
     constrained_beta_schedule,
@@ -26,6 +27,7 @@ __all__ = [
     "LossOutput",
     "LossTerm",
     "PreferenceBatch",
+    "SparseMaskHead",
     "UnpairedBatch",
     "kto",
     "mapo",

@@ -46,6 +46,8 @@ def case_loss(name):
     )
     if case["loss_types"] == ["sigmoid"]:
         kwargs["label_smoothing"] = 0.0  # TRL >= 0.29 ignores it for sigmoid (ours: cDPO)
+    if case["loss_types"] == ["sft"]:
+        return L.get("sft")  # a pure NLL: none of the DPO hyperparameters apply
     if len(case["loss_types"]) == 1:
         fn = L.get(case["loss_types"][0])
         return lambda batch: fn(batch, **kwargs)
@@ -218,3 +220,17 @@ def test_batch_coupled_losses_are_exact_under_pmap(loss_type):
         )
     )(split(pol[:n]), split(pol[n:]), split(ref[:n]), split(ref[n:]), split(mask[:n]))
     assert not np.allclose(np.asarray(alone).reshape(-1), full.losses, rtol=1e-6)
+
+
+def test_combine_routes_hyperparameters(x64):
+    batch = make_batch(jnp.asarray(DATA["policy_logps"]), jnp.float64)
+    mixed = L.combine([("sigmoid", 1.0), ("cpo", 0.5), ("sft", 0.2)], beta=0.3, ld_alpha=0.5)
+    out = mixed(batch)
+    want = (
+        L.dpo(batch, beta=0.3, ld_alpha=0.5).loss
+        + 0.5 * L.cpo(batch, beta=0.3).loss
+        + 0.2 * L.sft(batch).loss
+    )
+    np.testing.assert_allclose(out.loss, want, rtol=1e-12)
+    with pytest.raises(ValueError, match="betta"):
+        L.combine([("sigmoid", 1.0), ("sft", 1.0)], betta=0.3)

@@ -15,6 +15,7 @@ Example (MPO, TRL's recipe):
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
@@ -52,9 +53,17 @@ def get(name: str) -> LossFn:
         raise ValueError(f"unknown loss {name!r}; available: {available()}") from None
 
 
+def _accepts(fn: LossFn, key: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def combine(parts: Sequence[tuple[str | LossFn, float]], **shared) -> LossFn:
-    """sum_k w_k * loss_k as one loss. `shared` hyperparameters go to every part that takes them
-    (each part is called with `**shared`, then with its own bound keywords)."""
+    """sum_k w_k * loss_k as one loss. Each hyperparameter in `shared` (or given at call time)
+    goes to every part whose signature accepts it; one that no part accepts is an error."""
     if not parts:
         raise ValueError("`parts` must name at least one loss")
     resolved = []
@@ -63,8 +72,21 @@ def combine(parts: Sequence[tuple[str | LossFn, float]], **shared) -> LossFn:
         name = spec if isinstance(spec, str) else getattr(spec, "__name__", "custom")
         resolved.append((name, fn, float(weight)))
 
+    def route(kwargs):
+        routed = [{k: v for k, v in kwargs.items() if _accepts(fn, k)} for _, fn, _ in resolved]
+        unused = set(kwargs) - set().union(*routed)
+        if unused:
+            raise ValueError(
+                f"hyperparameters {sorted(unused)} are accepted by none of "
+                f"{[name for name, _, _ in resolved]}"
+            )
+        return routed
+
+    route(shared)  # fail at construction time on a typo
+
     def combined(batch, **kwargs) -> LossOutput:
-        outs = [(name, fn(batch, **{**shared, **kwargs}), w) for name, fn, w in resolved]
+        routed = route({**shared, **kwargs})
+        outs = [(name, fn(batch, **kw), w) for (name, fn, w), kw in zip(resolved, routed)]
         terms, metrics = {}, {}
         for name, out, w in outs:
             for key, term in out.terms.items():

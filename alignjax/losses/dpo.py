@@ -264,7 +264,7 @@ def _check(loss_type, beta, label_smoothing, f_divergence, use_weighting, discop
         )
     if use_weighting and loss_type in ("aot", "aot_unpaired"):
         raise ValueError("WPO weighting (`use_weighting`) is not defined for the sorted aot losses")
-    if not discopop_tau > 0:
+    if isinstance(discopop_tau, (int, float)) and not discopop_tau > 0:
         raise ValueError(f"`discopop_tau` must be > 0, got {discopop_tau}")
 
 

@@ -8,13 +8,12 @@ import jax.numpy as jnp
 from alignjax.losses.types import LossOutput, LossTerm, PreferenceBatch, masked_sum
 
 
-def sft(batch: PreferenceBatch, **_unused) -> LossOutput:
+def sft(batch: PreferenceBatch) -> LossOutput:
     """Token-mean NLL of the chosen completions, -mean_{t in y_w} log pi(y_t).
 
     Kept as (sum over tokens, number of tokens), so micro-batch and multi-device averages are
     token means over the whole batch. TRL 1.16's `sft` loss type; RPO (Pang et al. 2024,
-    arXiv:2404.19733) is `sigmoid` + rpo_alpha * `sft`. Extra keyword arguments (the shared
-    hyperparameters of a combination) are ignored.
+    arXiv:2404.19733) is `sigmoid` + rpo_alpha * `sft`.
     """
     total = -jnp.sum(masked_sum(batch.chosen_logps, batch.chosen_mask))
     count = jnp.sum(batch.chosen_mask != 0).astype(total.dtype)

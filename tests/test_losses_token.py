@@ -2,6 +2,8 @@
 (specs/losses.md section 5), identities between them, and gradients. Tolerance <= 1e-12
 relative in x64."""
 
+from dataclasses import replace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,16 +77,7 @@ def test_tdpo2_stops_the_gradient_through_chosen_kl(x64):
     batch, _ = make(np.random.default_rng(3))
 
     def f(kl_w, kl_l, version):
-        b = L.PreferenceBatch(
-            batch.chosen_logps,
-            batch.rejected_logps,
-            batch.chosen_mask,
-            batch.rejected_mask,
-            batch.ref_chosen_logps,
-            batch.ref_rejected_logps,
-            chosen_kl=kl_w,
-            rejected_kl=kl_l,
-        )
+        b = replace(batch, chosen_kl=kl_w, rejected_kl=kl_l)
         return L.tdpo(b, version=version).loss
 
     g2w, g2l = jax.grad(f, (0, 1))(batch.chosen_kl, batch.rejected_kl, 2)
@@ -109,9 +102,7 @@ def test_sparsepo_matches_numpy(x64, independent):
 def test_unit_masks_reduce_to_tdpo1(x64):
     batch, _ = make(np.random.default_rng(5))
     ones = jnp.ones_like(batch.chosen_logps)
-    unit = L.PreferenceBatch(
-        **{**vars(batch), "chosen_reward_mask": ones, "rejected_reward_mask": ones}
-    )
+    unit = replace(batch, chosen_reward_mask=ones, rejected_reward_mask=ones)
     tdpo1 = L.tdpo(batch, version=1).losses
     np.testing.assert_allclose(L.sparsepo(unit).losses, tdpo1, rtol=1e-12)
     np.testing.assert_allclose(L.mapo(unit).losses, tdpo1, rtol=1e-12)
@@ -122,7 +113,7 @@ def test_gradients(x64):
 
     def with_logps(fn):
         def f(lp):
-            return fn(L.PreferenceBatch(**{**vars(batch), "chosen_logps": lp})).loss
+            return fn(replace(batch, chosen_logps=lp)).loss
 
         return f
 
@@ -136,7 +127,7 @@ def test_gradients(x64):
 
     # SparsePO trains its mask head through the loss; MaPO's mask is detached.
     def mask_fn(fn):
-        return lambda m: fn(L.PreferenceBatch(**{**vars(batch), "chosen_reward_mask": m})).loss
+        return lambda m: fn(replace(batch, chosen_reward_mask=m)).loss
 
     # Away from 0, where |m| (the L1 term) has its kink and finite differences would straddle it.
     positive = batch.chosen_reward_mask + 0.1
@@ -150,14 +141,7 @@ def test_missing_fields():
     batch, _ = make(np.random.default_rng(7))
     with pytest.raises(ValueError, match="chosen_reward_mask"):
         L.sparsepo(batch)
-    plain = L.PreferenceBatch(
-        batch.chosen_logps,
-        batch.rejected_logps,
-        batch.chosen_mask,
-        batch.rejected_mask,
-        batch.ref_chosen_logps,
-        batch.ref_rejected_logps,
-    )
+    plain = replace(batch, chosen_kl=None, rejected_kl=None)
     with pytest.raises(ValueError, match="chosen_kl"):
         L.tdpo(plain)
     with pytest.raises(ValueError, match="version"):
@@ -193,14 +177,7 @@ def test_constrained_sft_schedule_objective_and_surrogate(x64):
     # The official surrogate has the objective's gradient (where its 1e-3 floor is inactive).
     def grad(surrogate):
         def f(lp):
-            b = L.PreferenceBatch(
-                lp,
-                batch.rejected_logps,
-                batch.chosen_mask,
-                batch.rejected_mask,
-                batch.ref_chosen_logps,
-                batch.ref_rejected_logps,
-            )
+            b = replace(batch, chosen_logps=lp)
             return L.token_constrained_sft(b, surrogate=surrogate).loss
 
         return np.asarray(jax.grad(f)(batch.chosen_logps))
@@ -211,14 +188,7 @@ def test_constrained_sft_schedule_objective_and_surrogate(x64):
     g = jax.grad(
         lambda lp: (
             L.token_constrained_sft(
-                L.PreferenceBatch(
-                    lp,
-                    batch.rejected_logps,
-                    batch.chosen_mask,
-                    batch.rejected_mask,
-                    batch.ref_chosen_logps,
-                    batch.ref_rejected_logps,
-                ),
+                replace(batch, chosen_logps=lp),
                 beta=1e-6,
                 first_token_factor=1.0,
                 bias_factor=1.0,

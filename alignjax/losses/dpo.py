@@ -25,11 +25,11 @@ from jax import lax
 
 from alignjax.losses.types import (
     LossOutput,
-    LossTerm,
     PreferenceBatch,
+    check_beta,
     lengths,
     masked_sum,
-    reward_metrics,
+    paired_output,
 )
 from alignjax.ops import ld_prefix_lengths, ld_sum
 
@@ -247,8 +247,7 @@ def wpo_weights(batch: PreferenceBatch) -> jax.Array:
 def _check(loss_type, beta, label_smoothing, f_divergence, use_weighting, discopop_tau):
     if loss_type not in FORMULAS:
         raise ValueError(f"unknown DPO `loss_type` {loss_type!r}; valid: {sorted(FORMULAS)}")
-    if isinstance(beta, (int, float)) and not beta > 0:
-        raise ValueError(f"`beta` must be > 0, got {beta}")
+    check_beta(beta)
     if isinstance(label_smoothing, (int, float)):
         if loss_type == "exo_pair" and not 0 < label_smoothing < 1:
             raise ValueError(
@@ -299,13 +298,4 @@ def dpo(
     losses = FORMULAS[loss_type](s, Hyper(beta, label_smoothing, discopop_tau, axis_name))
     if use_weighting:
         losses = losses * wpo_weights(batch)
-    chosen_rewards = lax.stop_gradient(beta * s.a)
-    rejected_rewards = lax.stop_gradient(beta * s.b)
-    count = jnp.asarray(losses.shape[0], losses.dtype)
-    return LossOutput(
-        terms={loss_type: LossTerm(jnp.sum(losses), count, 1.0)},
-        losses=losses,
-        chosen_rewards=chosen_rewards,
-        rejected_rewards=rejected_rewards,
-        metrics=reward_metrics(chosen_rewards, rejected_rewards, s.pc, s.pr),
-    )
+    return paired_output(loss_type, losses, beta * s.a, beta * s.b, s.pc, s.pr)

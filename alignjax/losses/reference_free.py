@@ -12,28 +12,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from alignjax.losses.types import LossOutput, LossTerm, PreferenceBatch, lengths, masked_sum
+from alignjax.losses.sft import nll_term
+from alignjax.losses.types import (
+    LossOutput,
+    LossTerm,
+    PreferenceBatch,
+    check_beta,
+    lengths,
+    masked_sum,
+    paired_output,
+)
 
 log_sigmoid = jax.nn.log_sigmoid
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
-
-
-def _nll_term(batch: PreferenceBatch, mask=None) -> LossTerm:
-    mask = batch.chosen_mask if mask is None else mask
-    total = -jnp.sum(masked_sum(batch.chosen_logps, mask))
-    return LossTerm(total, jnp.sum(mask != 0).astype(total.dtype), 1.0)
-
-
-def _metrics(chosen_rewards, rejected_rewards, pc, pr, nll: LossTerm):
-    return {
-        "rewards/chosen": jnp.mean(chosen_rewards),
-        "rewards/rejected": jnp.mean(rejected_rewards),
-        "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-        "logps/chosen": jnp.mean(pc),
-        "logps/rejected": jnp.mean(pr),
-        "nll_loss": lax.stop_gradient(nll.value),
-    }
 
 
 def alphapo_reward(logps: jax.Array, alpha: float) -> jax.Array:
@@ -64,8 +55,7 @@ def cpo(
     """
     if loss_type not in CPO_LOSS_TYPES:
         raise ValueError(f"unknown CPO `loss_type` {loss_type!r}; valid: {list(CPO_LOSS_TYPES)}")
-    if isinstance(beta, (int, float)) and not beta > 0:
-        raise ValueError(f"`beta` must be > 0, got {beta}")
+    check_beta(beta)
     if isinstance(label_smoothing, (int, float)) and not 0 <= label_smoothing < 0.5:
         raise ValueError(f"`label_smoothing` must lie in [0, 0.5), got {label_smoothing}")
     pc = masked_sum(batch.chosen_logps, batch.chosen_mask)
@@ -83,17 +73,17 @@ def cpo(
         losses = jax.nn.relu(1.0 - beta * h)
     else:
         losses = (h - 1.0 / (2.0 * beta)) ** 2
-    chosen_rewards, rejected_rewards = lax.stop_gradient(beta * rw), lax.stop_gradient(beta * rl)
-    nll = _nll_term(batch)
-    terms = {loss_type: LossTerm(jnp.sum(losses), jnp.asarray(losses.shape[0], losses.dtype))}
-    if cpo_alpha:
-        terms["nll"] = LossTerm(nll.total, nll.count, float(cpo_alpha))
-    return LossOutput(
-        terms,
+    nll = nll_term(batch)
+    extra = {"nll": LossTerm(nll.total, nll.count, float(cpo_alpha))} if cpo_alpha else None
+    return paired_output(
+        loss_type,
         losses,
-        chosen_rewards,
-        rejected_rewards,
-        _metrics(chosen_rewards, rejected_rewards, pc, pr, nll),
+        beta * rw,
+        beta * rl,
+        pc,
+        pr,
+        extra_terms=extra,
+        extra_metrics={"nll_loss": lax.stop_gradient(nll.value)},
     )
 
 
@@ -112,24 +102,25 @@ def orpo(batch: PreferenceBatch, *, beta: float = 0.1, nll_mask: jax.Array | Non
     over those tokens, with `chosen_logps` filled there) to reproduce it; the default is the
     completion. TRL casts the averages to float32 first; here they keep the input precision.
     """
-    if isinstance(beta, (int, float)) and not beta > 0:
-        raise ValueError(f"`beta` must be > 0, got {beta}")
+    check_beta(beta)
     pc = masked_sum(batch.chosen_logps, batch.chosen_mask) / lengths(batch.chosen_mask)
     pr = masked_sum(batch.rejected_logps, batch.rejected_mask) / lengths(batch.rejected_mask)
     log_odds = (pc - pr) - (log1mexp(pc) - log1mexp(pr))
     ratio = log_sigmoid(log_odds)
     losses = -beta * ratio
-    chosen_rewards, rejected_rewards = lax.stop_gradient(beta * pc), lax.stop_gradient(beta * pr)
-    nll = _nll_term(batch, nll_mask)
-    metrics = _metrics(chosen_rewards, rejected_rewards, pc, pr, nll)
-    metrics.update(
-        {
-            "log_odds_ratio": lax.stop_gradient(jnp.mean(ratio)),
-            "log_odds_chosen": lax.stop_gradient(jnp.mean(log_odds)),
-        }
-    )
-    terms = {
-        "orpo": LossTerm(jnp.sum(losses), jnp.asarray(losses.shape[0], losses.dtype)),
-        "nll": nll,
+    nll = nll_term(batch, nll_mask)
+    metrics = {
+        "nll_loss": lax.stop_gradient(nll.value),
+        "log_odds_ratio": lax.stop_gradient(jnp.mean(ratio)),
+        "log_odds_chosen": lax.stop_gradient(jnp.mean(log_odds)),
     }
-    return LossOutput(terms, losses, chosen_rewards, rejected_rewards, metrics)
+    return paired_output(
+        "orpo",
+        losses,
+        beta * pc,
+        beta * pr,
+        pc,
+        pr,
+        extra_terms={"nll": nll},
+        extra_metrics=metrics,
+    )

@@ -18,49 +18,32 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from alignjax.losses.dpo import pair_scores
-from alignjax.losses.types import LossOutput, LossTerm, PreferenceBatch, reward_metrics
-
-
-def _output(name, losses, s, beta) -> LossOutput:
-    chosen_rewards, rejected_rewards = lax.stop_gradient(beta * s.a), lax.stop_gradient(beta * s.b)
-    return LossOutput(
-        terms={name: LossTerm(jnp.sum(losses), jnp.asarray(losses.shape[0], losses.dtype))},
-        losses=losses,
-        chosen_rewards=chosen_rewards,
-        rejected_rewards=rejected_rewards,
-        metrics=reward_metrics(chosen_rewards, rejected_rewards, s.pc, s.pr),
-    )
-
-
-def _check_beta(beta):
-    if isinstance(beta, (int, float)) and not beta > 0:
-        raise ValueError(f"`beta` must be > 0, got {beta}")
+from alignjax.losses.types import LossOutput, PreferenceBatch, check_beta, paired_output
 
 
 def sppo(batch: PreferenceBatch, *, beta: float = 1e-3) -> LossOutput:
     """SPPO with per-response win probabilities P_w = `chosen_win_prob`, P_l =
     `rejected_win_prob` (estimated P(y > pi_t | x))."""
-    _check_beta(beta)
+    check_beta(beta)
     if batch.chosen_win_prob is None or batch.rejected_win_prob is None:
         raise ValueError("`sppo` needs `chosen_win_prob` and `rejected_win_prob` in the batch")
     s = pair_scores(batch)
     pw, pl = batch.chosen_win_prob, batch.rejected_win_prob
     losses = 0.5 * ((s.a - (pw - 0.5) / beta) ** 2 + (s.b - (pl - 0.5) / beta) ** 2)
-    return _output("sppo", losses, s, beta)
+    return paired_output("sppo", losses, beta * s.a, beta * s.b, s.pc, s.pr)
 
 
 def sppo_single(batch: PreferenceBatch, *, beta: float = 1e-3) -> LossOutput:
     """SPPO from the pairwise probability P = `win_prob` = P(y_w > y_l) alone."""
-    _check_beta(beta)
+    check_beta(beta)
     if batch.win_prob is None:
         raise ValueError("`sppo_single` needs `win_prob` in the batch")
     s = pair_scores(batch)
     c = (batch.win_prob - 0.5) / beta
     losses = 0.5 * ((s.a - c) ** 2 + (s.b + c) ** 2)
-    return _output("sppo_single", losses, s, beta)
+    return paired_output("sppo_single", losses, beta * s.a, beta * s.b, s.pc, s.pr)
 
 
 class WinProbabilities(NamedTuple):

@@ -19,7 +19,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from alignjax.losses.types import LossOutput, LossTerm, PreferenceBatch, masked_sum, reward_metrics
+from alignjax.losses.types import (
+    LossOutput,
+    LossTerm,
+    PreferenceBatch,
+    check_beta,
+    masked_sum,
+    paired_output,
+)
 from alignjax.ops import completion_positions
 
 log_sigmoid = jax.nn.log_sigmoid
@@ -40,21 +47,11 @@ def _delta(batch, side):
 
 
 def _output(name, losses, chosen_rewards, rejected_rewards, batch, extra=None) -> LossOutput:
-    chosen_rewards, rejected_rewards = (
-        lax.stop_gradient(chosen_rewards),
-        lax.stop_gradient(rejected_rewards),
-    )
     pc = masked_sum(batch.chosen_logps, batch.chosen_mask)
     pr = masked_sum(batch.rejected_logps, batch.rejected_mask)
-    metrics = reward_metrics(chosen_rewards, rejected_rewards, pc, pr)
-    metrics.update(extra or {})
-    terms = {name: LossTerm(jnp.sum(losses), jnp.asarray(losses.shape[0], losses.dtype))}
-    return LossOutput(terms, losses, chosen_rewards, rejected_rewards, metrics)
-
-
-def _check(beta):
-    if isinstance(beta, (int, float)) and not beta > 0:
-        raise ValueError(f"`beta` must be > 0, got {beta}")
+    return paired_output(
+        name, losses, chosen_rewards, rejected_rewards, pc, pr, extra_metrics=extra
+    )
 
 
 def tdpo(
@@ -65,7 +62,7 @@ def tdpo(
     version 1 uses the sequential KL difference S_l - S_w; version 2 scales it by `alpha` and
     stops the gradient through S_w. Rewards: beta (A + S) per side, as the official code logs.
     """
-    _check(beta)
+    check_beta(beta)
     if version not in (1, 2):
         raise ValueError(f"`version` must be 1 or 2, got {version}")
     _require(batch, "chosen_kl", "rejected_kl")
@@ -114,7 +111,7 @@ def sparsepo(
     |m_u(y_l)|) + l1_kl (|m_d(y_w)| + |m_d(y_l)|), L1 norms over completion tokens. Gradients
     reach the masks (the mask head trains through this loss). Rewards: beta (U - D).
     """
-    _check(beta)
+    check_beta(beta)
     _require(batch, "chosen_kl", "rejected_kl", "chosen_reward_mask", "rejected_reward_mask")
     m_u_w, m_u_l = batch.chosen_reward_mask, batch.rejected_reward_mask
     m_d_w = m_u_w if batch.chosen_kl_mask is None else batch.chosen_kl_mask
@@ -140,7 +137,7 @@ def sparsepo(
 def mapo(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     """MaPO (official `mapo_loss`): SparsePO's form with m_u = m_d = the detached activation mask
     (`ops.mapo_activation_mask`) in `chosen_reward_mask` / `rejected_reward_mask`, no L1."""
-    _check(beta)
+    check_beta(beta)
     _require(batch, "chosen_kl", "rejected_kl", "chosen_reward_mask", "rejected_reward_mask")
     m_w = lax.stop_gradient(batch.chosen_reward_mask)
     m_l = lax.stop_gradient(batch.rejected_reward_mask)
@@ -179,7 +176,7 @@ def token_constrained_sft(
     -mean_t sg(w_t) log pi(y_t), w_t = max(2 (1 - s(beta_t Delta_t)), 1e-3). Both are token
     means over the batch, kept as (sum, count).
     """
-    _check(beta)
+    check_beta(beta)
     if batch.ref_chosen_logps is None or batch.ref_chosen_logps.ndim != 2:
         raise ValueError("token_constrained_sft needs per-token `ref_chosen_logps` `[B, T]`")
     mask = batch.chosen_mask

@@ -183,3 +183,40 @@ def reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logp
         "logps/chosen": jnp.mean(chosen_logps),
         "logps/rejected": jnp.mean(rejected_logps),
     }
+
+
+def check_beta(beta) -> None:
+    """Reject a non-positive Python-number `beta` (traced values are not checked)."""
+    if isinstance(beta, (int, float)) and not beta > 0:
+        raise ValueError(f"`beta` must be > 0, got {beta}")
+
+
+def mean_term(losses: jax.Array, weight: float = 1.0) -> LossTerm:
+    """A per-example loss vector as an unreduced (sum, count) term."""
+    return LossTerm(jnp.sum(losses), jnp.asarray(losses.shape[0], losses.dtype), weight)
+
+
+def paired_output(
+    name,
+    losses,
+    chosen_rewards,
+    rejected_rewards,
+    chosen_logps,
+    rejected_logps,
+    *,
+    extra_terms=None,
+    extra_metrics=None,
+) -> LossOutput:
+    """The LossOutput of a paired loss: one mean term `name` (plus `extra_terms`), detached
+    rewards and TRL's reward metrics (plus `extra_metrics`)."""
+    chosen_rewards = jax.lax.stop_gradient(chosen_rewards)
+    rejected_rewards = jax.lax.stop_gradient(rejected_rewards)
+    metrics = reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+    metrics.update(extra_metrics or {})
+    return LossOutput(
+        {name: mean_term(losses), **(extra_terms or {})},
+        losses,
+        chosen_rewards,
+        rejected_rewards,
+        metrics,
+    )

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from alignjax.losses.types import LossOutput, LossTerm, masked_sum
+from alignjax.losses.types import LossOutput, check_beta, masked_sum, mean_term
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -76,8 +76,7 @@ def kto(
     """
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"unknown KTO `loss_type` {loss_type!r}; valid: {list(KTO_LOSS_TYPES)}")
-    if isinstance(beta, (int, float)) and not beta > 0:
-        raise ValueError(f"`beta` must be > 0, got {beta}")
+    check_beta(beta)
     if batch.ref_logps is None:
         raise ValueError("KTO needs `ref_logps`")
     desirable = batch.labels != 0
@@ -127,7 +126,7 @@ def kto(
         "kl": z0,
     }
     return LossOutput(
-        terms={loss_type: LossTerm(jnp.sum(losses), jnp.asarray(losses.shape[0], losses.dtype))},
+        terms={loss_type: mean_term(losses)},
         losses=losses,
         chosen_rewards=jnp.where(desirable, rewards, 0.0),
         rejected_rewards=jnp.where(desirable, 0.0, rewards),

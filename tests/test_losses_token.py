@@ -1,6 +1,6 @@
-"""TDPO1/2, SparsePO and MaPO against float64 NumPy derivations of the official formulas
-(specs/losses.md section 5), identities between them, and gradients. Tolerance <= 1e-12
-relative in x64."""
+"""TDPO1/2, SparsePO, MaPO and token-wise constrained SFT: identities between them, where the
+gradient stops, finite-difference gradients and input errors. Parity with the official formulas
+is in test_losses_official.py (committed float64 NumPy fixture)."""
 
 from dataclasses import replace
 
@@ -14,10 +14,6 @@ from alignjax import losses as L
 from alignjax import ops
 
 B, T, V = 4, 6, 11
-
-
-def log_sigmoid(x):
-    return -np.logaddexp(0.0, -x)
 
 
 def make(rng, masks=False, kl_masks=False):
@@ -39,37 +35,9 @@ def make(rng, masks=False, kl_masks=False):
     return batch, arrays
 
 
-def sides(x):
-    return x[:B], x[B:]
-
-
-def numpy_tdpo(a, beta, alpha, version):
-    dw, dl = sides(np.where(a["m"] != 0, a["pol"] - a["ref"], 0.0).sum(1))
-    sw, sl = sides(np.where(a["m"] != 0, a["kl"], 0.0).sum(1))
-    margin = (dw - dl) - (sl - sw) if version == 1 else (dw - dl) - alpha * (sl - sw)
-    return -log_sigmoid(beta * margin), beta * (dw + sw), beta * (dl + sl)
-
-
-def numpy_sparsepo(a, beta, l1_u, l1_d):
-    mu = a["reward_mask"]
-    md = a.get("kl_mask", mu)
-    keep = a["m"] != 0
-    uw, ul = sides(np.where(keep, mu * (a["pol"] - a["ref"]), 0.0).sum(1))
-    dw, dl = sides(np.where(keep, md * a["kl"], 0.0).sum(1))
-    loss = -log_sigmoid(beta * ((uw - ul) - (dl - dw)))
-    l1 = lambda x: sum(sides(np.where(keep, np.abs(x), 0.0).sum(1)))  # noqa: E731
-    return loss + l1_u * l1(mu) + l1_d * l1(md), beta * (uw - dw), beta * (ul - dl)
-
-
 @pytest.mark.parametrize("version", [1, 2])
-def test_tdpo_matches_numpy(x64, version):
-    batch, a = make(np.random.default_rng(version))
-    for beta, alpha in ((0.1, 0.5), (0.8, 0.2)):
-        out = L.tdpo(batch, beta=beta, alpha=alpha, version=version)
-        want, rw, rl = numpy_tdpo(a, beta, alpha, version)
-        np.testing.assert_allclose(out.losses, want, rtol=1e-12)
-        np.testing.assert_allclose(out.chosen_rewards, rw, rtol=1e-12)
-        np.testing.assert_allclose(out.rejected_rewards, rl, rtol=1e-12)
+def test_tdpo_registered(version):
+    batch, _ = make(np.random.default_rng(version))
     assert L.get(f"tdpo{version}")(batch).terms.keys() == {f"tdpo{version}"}
 
 
@@ -84,19 +52,6 @@ def test_tdpo2_stops_the_gradient_through_chosen_kl(x64):
     g1w, _ = jax.grad(f, (0, 1))(batch.chosen_kl, batch.rejected_kl, 1)
     assert np.all(np.asarray(g2w) == 0.0)
     assert np.any(np.asarray(g2l) != 0.0) and np.any(np.asarray(g1w) != 0.0)
-
-
-@pytest.mark.parametrize("independent", [False, True])
-def test_sparsepo_matches_numpy(x64, independent):
-    batch, a = make(np.random.default_rng(4), masks=True, kl_masks=independent)
-    for l1_u, l1_d in ((0.0, 0.0), (1e-3, 2e-3)):
-        out = L.sparsepo(batch, beta=0.8, l1_reward=l1_u, l1_kl=l1_d)
-        want, rw, rl = numpy_sparsepo(a, 0.8, l1_u, l1_d)
-        np.testing.assert_allclose(out.losses, want, rtol=1e-12)
-        np.testing.assert_allclose(out.chosen_rewards, rw, rtol=1e-12)
-        np.testing.assert_allclose(out.rejected_rewards, rl, rtol=1e-12)
-    zeros = (a["reward_mask"] == 0) & (a["m"] != 0)
-    np.testing.assert_allclose(out.metrics["mask/sparsity"], zeros.sum() / (a["m"] != 0).sum())
 
 
 def test_unit_masks_reduce_to_tdpo1(x64):
@@ -163,16 +118,7 @@ def test_constrained_sft_schedule_objective_and_surrogate(x64):
     )
     beta_t = np.asarray(L.constrained_beta_schedule(m))
     np.testing.assert_allclose(beta_t[0, 2:], [0.5, 2.0, 2.0, 2.0, 2.0, 0.1, 0.1], rtol=1e-12)
-    # Objective: token mean of (2 / beta_t) softplus(-beta_t Delta_t), a NumPy loop.
-    total, count = 0.0, 0
-    for b in range(3):
-        for t in range(9):
-            if m[b, t]:
-                d, bt = pol[b, t] - ref[b, t], beta_t[b, t]
-                total += (2 / bt) * np.logaddexp(0.0, -bt * d)
-                count += 1
-    out = L.token_constrained_sft(batch)
-    np.testing.assert_allclose(out.loss, total / count, rtol=1e-12)
+    count = int((m != 0).sum())
 
     # The official surrogate has the objective's gradient (where its 1e-3 floor is inactive).
     def grad(surrogate):

@@ -1,6 +1,7 @@
 """Pure loss functions: `(PreferenceBatch, **hyperparameters) -> LossOutput`, a registry by TRL
-`loss_type` name, and weighted combinations. More families (CPO/ORPO/KTO/BCO, SPPO, token-level
-TDPO/SparsePO/MaPO) join as they land."""
+`loss_type` name, and weighted combinations. Families: the DPO family (every TRL
+1.16 loss type, f-divergences, WPO, LD-DPO), CPO/SimPO/AlphaPO, ORPO, KTO, BCO, SPPO, and the
+token-level TDPO, SparsePO, MaPO and token-wise constrained SFT."""
 
 from alignjax.losses import reference_free
 from alignjax.losses.compose import available, combine, get, register
@@ -17,7 +18,16 @@ from alignjax.losses.token import (
     token_constrained_sft,
 )
 from alignjax.losses.types import LossOutput, LossTerm, PreferenceBatch
-from alignjax.losses.unpaired import UnpairedBatch, kto
+from alignjax.losses.unpaired import (
+    RewardMoments,
+    UnpairedBatch,
+    bco,
+    bco_rewards,
+    bco_udm_weights,
+    init_reward_moments,
+    kto,
+    update_reward_moments,
+)
 
 __all__ = [
     "FORMULAS",
@@ -29,6 +39,12 @@ __all__ = [
     "PreferenceBatch",
     "SparseMaskHead",
     "UnpairedBatch",
+    "RewardMoments",
+    "bco",
+    "bco_rewards",
+    "bco_udm_weights",
+    "init_reward_moments",
+    "update_reward_moments",
     "kto",
     "mapo",
     "sparsepo",

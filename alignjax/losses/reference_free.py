@@ -101,11 +101,16 @@ def orpo(batch: PreferenceBatch, *, beta: float = 0.1, nll_mask: jax.Array | Non
     computes the NLL over the chosen prompt *and* completion: pass `nll_mask` (a `[B, T]` mask
     over those tokens, with `chosen_logps` filled there) to reproduce it; the default is the
     completion. TRL casts the averages to float32 first; here they keep the input precision.
+    Averages above -eps are capped there for log(1 - p) (finite odds for empty completions).
     """
     check_beta(beta)
     pc = masked_sum(batch.chosen_logps, batch.chosen_mask) / lengths(batch.chosen_mask)
     pr = masked_sum(batch.rejected_logps, batch.rejected_mask) / lengths(batch.rejected_mask)
-    log_odds = (pc - pr) - (log1mexp(pc) - log1mexp(pr))
+    # An empty completion (average 0) or one whose probability rounds to 1 has infinite odds;
+    # capping the average at -eps (the log of the largest float below 1) keeps the loss and its
+    # gradient finite and changes nothing where TRL's value is finite.
+    cap = -jnp.finfo(pc.dtype).eps
+    log_odds = (pc - pr) - (log1mexp(jnp.minimum(pc, cap)) - log1mexp(jnp.minimum(pr, cap)))
     ratio = log_sigmoid(log_odds)
     losses = -beta * ratio
     nll = nll_term(batch, nll_mask)

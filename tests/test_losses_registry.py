@@ -1,0 +1,176 @@
+"""Properties every registered loss must have, checked by iterating `losses.available()`, so a
+newly registered loss is covered automatically:
+
+* gradients: `jax.test_util.check_grads` (reverse mode, finite differences) in x64 w.r.t. the
+  per-token policy log-probs;
+* one compilation per input shape under jit;
+* finite values and gradients at +-1e4 log-ratios, with a zero-length completion in the batch,
+  for beta from 1e-4 to 50;
+* a ValueError for beta <= 0 (and label_smoothing outside [0, 0.5) where it applies);
+* under pmap over 8 devices with `axis_name` (where the loss takes it), per-example losses and
+  the (sum, count) terms summed over devices equal the single-device result on the full batch.
+"""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.test_util import check_grads
+
+from alignjax import losses as L
+
+UNPAIRED = {"kto", "apo_zero_unpaired", "bco"}
+NAMES = L.available()
+N, T = 8, 5  # N pairs (one per device under pmap), T tokens
+
+
+def accepts(fn, key):
+    return key in inspect.signature(fn).parameters
+
+
+def inputs(rng, scale=1.0, dtype=jnp.float64):
+    """Stacked [chosen; rejected] per-token arrays; row N + 2 is a zero-length completion."""
+    m = (rng.random((2 * N, T)) > 0.25).astype(np.int32)
+    m[:, 0] = 1
+    m[N + 2] = 0
+    pol = -rng.gamma(2.0, 1.0, (2 * N, T))
+    ref = pol + rng.normal(0.0, 0.5, (2 * N, T))
+    if scale != 1.0:  # valid log-probs (<= 0) with per-token log-ratios of -1e4 / +1e4
+        chosen = np.arange(2 * N)[:, None] < N
+        pol = np.where(chosen, -scale, -1e-3) * np.ones((2 * N, T))
+        ref = np.where(chosen, 0.0, -scale) * np.ones((2 * N, T))
+    a = dict(
+        pol=pol,
+        ref=ref,
+        m=m,
+        kl=rng.gamma(1.0, 0.3, (2 * N, T)),
+        reward_mask=np.maximum(rng.normal(0.5, 0.5, (2 * N, T)), 0.0),
+        kl_mask=np.maximum(rng.normal(0.5, 0.5, (2 * N, T)), 0.0),
+        log_sum_sq=-rng.gamma(2.0, 0.5, (2 * N, T)),
+        chosen_win_prob=rng.uniform(0.3, 1.0, N),
+        rejected_win_prob=rng.uniform(0.0, 0.6, N),
+        win_prob=rng.uniform(0.4, 1.0, N),
+        labels=(np.arange(2 * N) % 3 == 0),
+        kl_pol=-rng.gamma(2.0, 1.0, (2 * N, T)),
+    )
+    a["kl_ref"] = a["kl_pol"] - rng.uniform(0.0, 0.4, (2 * N, T))
+    return {k: jnp.asarray(v, dtype if v.dtype.kind == "f" else None) for k, v in a.items()}
+
+
+def build(name, a, pol):
+    """The batch `name` consumes, with `pol` ([2N, T]) as the policy log-probs."""
+    if name in UNPAIRED:
+        return L.UnpairedBatch(pol, a["m"], a["labels"], a["ref"], a["kl_pol"], a["kl_ref"], a["m"])
+    fields = {k: a[k] for k in ("kl", "reward_mask", "kl_mask", "log_sum_sq")}
+    fields.update({k: a[k] for k in ("chosen_win_prob", "rejected_win_prob", "win_prob")})
+    return L.PreferenceBatch.from_stacked(pol, a["m"], a["ref"], **fields)
+
+
+def kwargs_for(name, **extra):
+    fn = L.get(name)
+    kw = {"label_smoothing": 0.1} if name in ("exo_pair", "robust") else {}
+    kw.update({k: v for k, v in extra.items() if accepts(fn, k)})
+    return kw
+
+
+def loss_of(name, a, **extra):
+    fn, kw = L.get(name), kwargs_for(name, **extra)
+    return lambda pol: fn(build(name, a, pol), **kw)
+
+
+def test_registry_lists_every_family():
+    expected = {"sigmoid", "ipo", "aot", "sft", "cpo", "simpo", "orpo", "kto", "bco", "sppo"}
+    expected |= {"tdpo1", "tdpo2", "sparsepo", "mapo", "token_constrained_sft"}
+    assert expected <= set(NAMES)
+    with pytest.raises(ValueError, match=r"unknown loss 'dpo_v3'; available: \["):
+        L.get("dpo_v3")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_check_grads_x64(name, x64):
+    a = inputs(np.random.default_rng(1))
+    # BCO's default delta is this batch's (detached) mean reward, which finite differences would
+    # move; a fixed delta, as in training, makes the loss a function of the log-probs alone.
+    f = loss_of(name, a, delta=0.02)
+    check_grads(lambda p: f(p).loss, (a["pol"],), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiles_once_per_shape(name):
+    step = jax.jit(lambda a, p: loss_of(name, a)(p).loss)
+    for seed in range(3):
+        a = inputs(np.random.default_rng(seed), dtype=jnp.float32)
+        assert np.isfinite(float(step(a, a["pol"])))
+    assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_extremes_stay_finite(name):
+    a = inputs(np.random.default_rng(3), scale=1e4, dtype=jnp.float32)
+    for beta in (1e-4, 0.1, 50.0):
+        f = loss_of(name, a, beta=beta)
+        value, grad = jax.value_and_grad(lambda p, f=f: f(p).loss)(a["pol"])
+        assert np.isfinite(float(value)), (name, beta)
+        assert np.all(np.isfinite(np.asarray(grad))), (name, beta)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_invalid_hyperparameters(name):
+    a = inputs(np.random.default_rng(4), dtype=jnp.float32)
+    fn = L.get(name)
+    if accepts(fn, "beta"):
+        for beta in (0.0, -0.1):
+            with pytest.raises(ValueError, match="beta"):
+                loss_of(name, a, beta=beta)(a["pol"])
+    if accepts(fn, "label_smoothing") and name != "exo_pair":
+        for eps in (-0.1, 0.5):
+            with pytest.raises(ValueError, match="label_smoothing"):
+                loss_of(name, a, label_smoothing=eps)(a["pol"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pmap_equals_full_batch(name):
+    assert jax.device_count() == N
+    a = inputs(np.random.default_rng(5), dtype=jnp.float32)
+    full = loss_of(name, a)(a["pol"])
+    use_axis = accepts(L.get(name), "axis_name")
+
+    def per_device(shard):
+        local = {
+            k: (v.reshape(2, *v.shape[2:]) if v.ndim >= 2 and v.shape[:2] == (1, 2) else v)
+            for k, v in shard.items()
+        }
+        extra = {"axis_name": "d"} if use_axis else {}
+        out = loss_of(name, local, **extra)(local["pol"])
+        totals = {k: lax.psum(t.total, "d") for k, t in out.terms.items()}
+        counts = {k: lax.psum(t.count, "d") for k, t in out.terms.items()}
+        return out.losses, totals, counts
+
+    shards = {
+        k: (
+            jnp.stack([v[:N], v[N:]], axis=1)[:, None]
+            if v.shape[0] == 2 * N
+            else v.reshape(N, 1, *v.shape[1:])
+        )
+        for k, v in a.items()
+    }
+    losses, totals, counts = jax.pmap(per_device, axis_name="d")(shards)
+    for k, term in full.terms.items():
+        np.testing.assert_allclose(np.asarray(totals[k])[0], term.total, rtol=2e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(counts[k])[0], term.count)
+    got_loss = sum(
+        t.weight * np.asarray(totals[k])[0] / np.asarray(counts[k])[0]
+        for k, t in full.terms.items()
+    )
+    np.testing.assert_allclose(got_loss, full.loss, rtol=2e-5)
+    if any(float(t.count) != full.losses.shape[0] for t in full.terms.values()):
+        return  # a token-mean term (sft / NLL): per-example losses hold the local batch mean
+    losses = np.asarray(losses)  # [N devices, rows per device]
+    if name in UNPAIRED:
+        got = np.concatenate([losses[:, 0], losses[:, 1]])  # rows: [chosen rows; rejected rows]
+    else:
+        got = losses.reshape(-1)
+    np.testing.assert_allclose(got, full.losses, rtol=2e-5, atol=1e-6)

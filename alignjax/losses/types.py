@@ -64,7 +64,8 @@ class PreferenceBatch:
         c = self.chosen_logps
         if not hasattr(c, "shape"):
             return  # JAX rebuilding the pytree with placeholder leaves: nothing to validate
-        if len(c.shape) != 2:
+        # Leading axes (a device axis for pmap, a micro-batch axis) are allowed: [..., B, T].
+        if len(c.shape) < 2:
             raise ValueError(f"`chosen_logps` must be [B, T], got {tuple(c.shape)}")
         shape = tuple(c.shape)
         for name in (
@@ -83,16 +84,16 @@ class PreferenceBatch:
                 )
         for name in ("ref_chosen_logps", "ref_rejected_logps"):
             v = getattr(self, name)
-            if hasattr(v, "shape") and tuple(v.shape) not in (shape, shape[:1]):
+            if hasattr(v, "shape") and tuple(v.shape) not in (shape, shape[:-1]):
                 raise ValueError(
-                    f"`{name}` must be [B, T] {shape} or [B] {shape[:1]}, got {tuple(v.shape)}"
+                    f"`{name}` must be [B, T] {shape} or [B] {shape[:-1]}, got {tuple(v.shape)}"
                 )
         if (self.ref_chosen_logps is None) != (self.ref_rejected_logps is None):
             raise ValueError("give both `ref_chosen_logps` and `ref_rejected_logps`, or neither")
         for name in ("chosen_win_prob", "rejected_win_prob", "win_prob"):
             v = getattr(self, name)
-            if hasattr(v, "shape") and tuple(v.shape) != shape[:1]:
-                raise ValueError(f"`{name}` must be [B] {shape[:1]}, got {tuple(v.shape)}")
+            if hasattr(v, "shape") and tuple(v.shape) != shape[:-1]:
+                raise ValueError(f"`{name}` must be [B] {shape[:-1]}, got {tuple(v.shape)}")
 
     @classmethod
     def from_stacked(cls, logps, mask, ref_logps=None, **fields) -> PreferenceBatch:

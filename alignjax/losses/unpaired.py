@@ -46,18 +46,19 @@ class UnpairedBatch:
     def __post_init__(self):
         if not hasattr(self.logps, "shape"):
             return  # JAX rebuilding the pytree with placeholder leaves
-        n = self.logps.shape[0]
+        if len(self.logps.shape) < 2:
+            raise ValueError(f"`logps` must be [N, T], got {tuple(self.logps.shape)}")
+        rows = tuple(self.logps.shape[:-1])  # (N,), or with leading (device, ...) axes
         if tuple(self.mask.shape) != tuple(self.logps.shape):
             raise ValueError(
                 f"`mask` must have shape {tuple(self.logps.shape)}, got {tuple(self.mask.shape)}"
             )
-        if hasattr(self.labels, "shape") and tuple(self.labels.shape) != (n,):
-            raise ValueError(f"`labels` must be [N] = ({n},), got {tuple(self.labels.shape)}")
+        if hasattr(self.labels, "shape") and tuple(self.labels.shape) != rows:
+            raise ValueError(f"`labels` must be [N] = {rows}, got {tuple(self.labels.shape)}")
         for name in ("ref_logps", "kl_logps", "ref_kl_logps"):
             v = getattr(self, name)
-            if hasattr(v, "shape") and v.shape[0] != n:
-                raise ValueError(f"`{name}` must have N = {n} rows, got {tuple(v.shape)}")
-
+            if hasattr(v, "shape") and tuple(v.shape[: len(rows)]) != rows:
+                raise ValueError(f"`{name}` must have N = {rows} rows, got {tuple(v.shape)}")
 
 def _labelled_metrics(desirable, rewards, seq) -> dict:
     """TRL's per-kind averages: each kind over its own rows (0 when the batch has none)."""

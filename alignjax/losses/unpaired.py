@@ -60,6 +60,7 @@ class UnpairedBatch:
             if hasattr(v, "shape") and tuple(v.shape[: len(rows)]) != rows:
                 raise ValueError(f"`{name}` must have N = {rows} rows, got {tuple(v.shape)}")
 
+
 def _labelled_metrics(desirable, rewards, seq) -> dict:
     """TRL's per-kind averages: each kind over its own rows (0 when the batch has none)."""
     n_d = jnp.sum(desirable).astype(rewards.dtype)

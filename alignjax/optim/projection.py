@@ -1,0 +1,267 @@
+"""The radial (scale-invariant) projection of AdamP / SGDP, the channel-axis specification, and
+`project_radial`, which applies the projection to any inner transform's update.
+
+Heo et al. 2021, "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant
+Weights", arXiv:2006.08217, Algorithm 1-2; reference code clovaai/AdamP (= PyPI adamp 0.3.0,
+`_projection`). For a weight w, its raw gradient g and a candidate update u:
+
+    for view in (channel, layer):                 # the channel view is tried first
+        c_i = |cos(G_i, W_i)|                     # one row per output channel / one row in all
+        if max_i c_i < delta / sqrt(row length):  # strict, over all rows
+            U_i <- U_i - Wh_i <Wh_i, U_i>,  Wh_i = W_i / (||W_i|| + eps)
+            return U, wd_ratio
+    return u, 1
+
+Only parameters with more than one dimension are ever projected. In JAX both views are computed
+and selected with `jnp.where`, so the data-dependent branch costs no recompilation.
+
+Channel axes. PyTorch keeps output channels on axis 0; Flax `Dense` kernels are `(in, out)` and
+`Conv` kernels `(..., in, out)`, so their channel axis is the last one, while `Embed` tables are
+`(vocab, features)` with rows on axis 0. `channel_axis` accepts None (this Flax default), one
+int for every matrix, a pytree of int-or-None matching the parameters (None: never project),
+or a callable `params -> such pytree`, as optax's `MuonDimensionNumbers` does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src.base import NO_PARAMS_MSG
+
+ChannelAxisSpec = int | None | Any | Callable[[Any], Any]
+Hyper = float | Callable[[jax.Array], jax.Array]
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def leaf_path(path) -> str:
+    """A tree path as 'a/b/0/kernel'."""
+    return "/".join(_key_name(k) for k in path)
+
+
+def flax_channel_axes(params) -> Any:
+    """The Flax-layout default: axis 0 for `embedding` tables, the last axis for other
+    parameters with more than one dimension, None (never projected) for 1-D parameters."""
+
+    def axis(path, leaf):
+        if jnp.ndim(leaf) <= 1:
+            return None
+        return 0 if path and _key_name(path[-1]) == "embedding" else -1
+
+    return jax.tree_util.tree_map_with_path(axis, params)
+
+
+def resolve_channel_axes(channel_axis: ChannelAxisSpec, params) -> Any:
+    """A pytree of int-or-None with the structure of `params`, validated against each leaf."""
+    if channel_axis is None:
+        axes = flax_channel_axes(params)
+    elif callable(channel_axis):
+        axes = channel_axis(params)
+    elif isinstance(channel_axis, int):
+        axes = jax.tree.map(lambda p: channel_axis if jnp.ndim(p) > 1 else None, params)
+    else:
+        axes = channel_axis
+    flat_params, treedef = jax.tree_util.tree_flatten_with_path(params)
+    try:
+        flat_axes = treedef.flatten_up_to(axes)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"`channel_axis` must be None, an int, a callable or a pytree matching the "
+            f"parameters: {err}"
+        ) from None
+    out = []
+    for (path, leaf), ax in zip(flat_params, flat_axes):
+        ndim = jnp.ndim(leaf)
+        if ndim <= 1 or ax is None:
+            out.append(None)
+            continue
+        if not isinstance(ax, int) or not -ndim <= ax < ndim:
+            raise ValueError(
+                f"`channel_axis` for parameter {leaf_path(path)!r} of shape {jnp.shape(leaf)} "
+                f"must be an int in [-{ndim}, {ndim}) or None, got {ax!r}"
+            )
+        out.append(ax % ndim)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _rows(x: jax.Array, axis: int | None) -> jax.Array:
+    """[channels, rest] with `axis` as the rows, or [1, everything] for axis None."""
+    if axis is None:
+        return x.reshape(1, -1)
+    return jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+
+
+def _cosine(g: jax.Array, w: jax.Array, eps) -> jax.Array:
+    """|cos| per row, as torch's F.cosine_similarity: x.y / (max(|x|, eps) max(|y|, eps))."""
+    dot = jnp.sum(g * w, axis=1)
+    gn = jnp.maximum(jnp.linalg.norm(g, axis=1), eps)
+    wn = jnp.maximum(jnp.linalg.norm(w, axis=1), eps)
+    return jnp.abs(dot / (gn * wn))
+
+
+def _remove_radial(u: jax.Array, w: jax.Array, eps) -> jax.Array:
+    wh = w / (jnp.linalg.norm(w, axis=1, keepdims=True) + eps)
+    return u - wh * jnp.sum(wh * u, axis=1, keepdims=True)
+
+
+class Projected(NamedTuple):
+    """A projected update, the decay factor to use (wd_ratio or 1) and which view fired
+    (0: none, 1: channel, 2: layer), plus each view's max |cos| / threshold."""
+
+    update: jax.Array
+    ratio: jax.Array
+    view: jax.Array
+    channel_score: jax.Array
+    layer_score: jax.Array
+
+
+def radial_projection(
+    param: jax.Array,
+    grad: jax.Array,
+    update: jax.Array,
+    channel_axis: int | None,
+    *,
+    delta=0.1,
+    wd_ratio=0.1,
+    eps=1e-8,
+) -> Projected:
+    """AdamP's `_projection` on one leaf. `channel_axis` None means "do not project" (1-D
+    parameters and leaves excluded by the spec): the update passes through with ratio 1."""
+    one = jnp.ones((), update.dtype)
+    if channel_axis is None or param.ndim <= 1:
+        zero = jnp.zeros((), jnp.int32)
+        return Projected(
+            update, one, zero, jnp.zeros((), update.dtype), jnp.zeros((), update.dtype)
+        )
+    w, g, u = (x.astype(update.dtype) for x in (param, grad, update))
+    wc, gc, uc = _rows(w, channel_axis), _rows(g, channel_axis), _rows(u, channel_axis)
+    wl, gl, ul = _rows(w, None), _rows(g, None), _rows(u, None)
+    chan_score = jnp.max(_cosine(gc, wc, eps)) * math.sqrt(wc.shape[1]) / delta
+    layer_score = _cosine(gl, wl, eps)[0] * math.sqrt(wl.shape[1]) / delta
+    chan_ok, layer_ok = chan_score < 1.0, layer_score < 1.0
+    u_chan = _remove_radial(uc, wc, eps)
+    u_chan = jnp.moveaxis(u_chan.reshape(jnp.moveaxis(u, channel_axis, 0).shape), 0, channel_axis)
+    u_layer = _remove_radial(ul, wl, eps).reshape(u.shape)
+    out = jnp.where(chan_ok, u_chan, jnp.where(layer_ok, u_layer, u))
+    ratio = jnp.where(chan_ok | layer_ok, jnp.asarray(wd_ratio, u.dtype), one)
+    view = jnp.where(chan_ok, 1, jnp.where(layer_ok, 2, 0)).astype(jnp.int32)
+    return Projected(out, ratio, view, chan_score, layer_score)
+
+
+def hyper(value: Hyper, count: jax.Array):
+    """A hyperparameter's value at step `count`: schedules are called, constants returned."""
+    return value(count) if callable(value) else value
+
+
+def check_hyper(name: str, value, *, low=None, high=None, low_open=False, high_open=True):
+    """ValueError for non-finite or out-of-range constant hyperparameters. Schedules and traced
+    values (as under `optax.inject_hyperparams`) are not inspected."""
+    if callable(value) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"`{name}` must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"`{name}` must be {'<' if high_open else '<='} {high}, got {value}")
+
+
+def check_projection_hypers(delta, wd_ratio, eps, weight_decay):
+    check_hyper("delta", delta, low=0.0, low_open=True)
+    check_hyper("wd_ratio", wd_ratio, low=0.0)
+    check_hyper("eps", eps, low=0.0)
+    check_hyper("weight_decay", weight_decay, low=0.0)
+
+
+def project_tree(params, grads, updates, axes, *, delta, wd_ratio, eps):
+    """`radial_projection` on every leaf; returns a tree of `Projected`."""
+    return jax.tree.map(
+        lambda p, g, u, a: radial_projection(p, g, u, a, delta=delta, wd_ratio=wd_ratio, eps=eps),
+        params,
+        grads,
+        updates,
+        axes,
+        is_leaf=lambda x: x is None,
+    )
+
+
+def split_projected(tree, like):
+    """(updates, ratios) trees from a tree of `Projected` shaped like `like`."""
+    treedef = jax.tree.structure(like)
+    flat = treedef.flatten_up_to(tree)
+    return (
+        jax.tree.unflatten(treedef, [p.update for p in flat]),
+        jax.tree.unflatten(treedef, [p.ratio for p in flat]),
+    )
+
+
+class ProjectRadialState(NamedTuple):
+    count: jax.Array
+    inner_state: optax.OptState
+
+
+def project_radial(
+    inner: optax.GradientTransformation,
+    *,
+    delta: Hyper = 0.1,
+    wd_ratio: Hyper = 0.1,
+    weight_decay: Hyper = 0.0,
+    eps: Hyper = 1e-8,
+    channel_axis: ChannelAxisSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Remove the radial component of `inner`'s update on scale-invariant weights.
+
+    The test runs on the raw gradient, the projection on `inner`'s output, per leaf, with the
+    pre-step parameters. `weight_decay` (decoupled, as AdamW) is added after the projection as
+    `weight_decay * r * params`, with r = `wd_ratio` where the projection fired and 1 elsewhere;
+    then `inner` should be a direction transform with the learning rate applied after:
+
+        >>> import optax
+        >>> from alignjax.optim import project_radial
+        >>> tx = optax.chain(
+        ...     project_radial(optax.scale_by_lion(), weight_decay=1e-2),
+        ...     optax.scale_by_learning_rate(1e-4),
+        ... )
+
+    With `weight_decay=0` any full optimizer works as `inner` (`project_radial(optax.sgd(0.1))`),
+    since the projection is linear in the update. `project_radial(optax.scale_by_adam())`
+    differs from `adamp` only in Adam's nesterov variant (see `scale_by_adamp`).
+    """
+    check_projection_hypers(delta, wd_ratio, eps, weight_decay)
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        resolve_channel_axes(channel_axis, params)  # fail early on a bad spec
+        return ProjectRadialState(jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError(NO_PARAMS_MSG)
+        axes = resolve_channel_axes(channel_axis, params)
+        inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        c = state.count
+        projected = project_tree(
+            params,
+            updates,
+            inner_updates,
+            axes,
+            delta=hyper(delta, c),
+            wd_ratio=hyper(wd_ratio, c),
+            eps=hyper(eps, c),
+        )
+        new, ratios = split_projected(projected, updates)
+        wd = hyper(weight_decay, c)
+        new = jax.tree.map(lambda u, r, p: u + wd * r * p.astype(u.dtype), new, ratios, params)
+        return new, ProjectRadialState(optax.safe_increment(c), inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

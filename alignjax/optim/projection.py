@@ -94,24 +94,10 @@ def resolve_channel_axes(channel_axis: ChannelAxisSpec, params) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _rows(x: jax.Array, axis: int | None) -> jax.Array:
-    """[channels, rest] with `axis` as the rows, or [1, everything] for axis None."""
-    if axis is None:
-        return x.reshape(1, -1)
-    return jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
-
-
-def _cosine(g: jax.Array, w: jax.Array, eps) -> jax.Array:
-    """|cos| per row, as torch's F.cosine_similarity: x.y / (max(|x|, eps) max(|y|, eps))."""
-    dot = jnp.sum(g * w, axis=1)
-    gn = jnp.maximum(jnp.linalg.norm(g, axis=1), eps)
-    wn = jnp.maximum(jnp.linalg.norm(w, axis=1), eps)
-    return jnp.abs(dot / (gn * wn))
-
-
-def _remove_radial(u: jax.Array, w: jax.Array, eps) -> jax.Array:
-    wh = w / (jnp.linalg.norm(w, axis=1, keepdims=True) + eps)
-    return u - wh * jnp.sum(wh * u, axis=1, keepdims=True)
+def _cos(dot, g_sq, w_sq, eps):
+    """|cos| from a dot product and squared norms, as torch's F.cosine_similarity:
+    x.y / (max(|x|, eps) max(|y|, eps))."""
+    return jnp.abs(dot / (jnp.maximum(jnp.sqrt(g_sq), eps) * jnp.maximum(jnp.sqrt(w_sq), eps)))
 
 
 class Projected(NamedTuple):
@@ -139,20 +125,25 @@ def radial_projection(
     parameters and leaves excluded by the spec): the update passes through with ratio 1."""
     one = jnp.ones((), update.dtype)
     if channel_axis is None or param.ndim <= 1:
-        zero = jnp.zeros((), jnp.int32)
-        return Projected(
-            update, one, zero, jnp.zeros((), update.dtype), jnp.zeros((), update.dtype)
-        )
+        zero = jnp.zeros((), update.dtype)
+        return Projected(update, one, jnp.zeros((), jnp.int32), zero, zero)
     w, g, u = (x.astype(update.dtype) for x in (param, grad, update))
-    wc, gc, uc = _rows(w, channel_axis), _rows(g, channel_axis), _rows(u, channel_axis)
-    wl, gl, ul = _rows(w, None), _rows(g, None), _rows(u, None)
-    chan_score = jnp.max(_cosine(gc, wc, eps)) * math.sqrt(wc.shape[1]) / delta
-    layer_score = _cosine(gl, wl, eps)[0] * math.sqrt(wl.shape[1]) / delta
+    # Per-channel sums over every other axis, computed in place (no transposed copies); the
+    # layer view's sums are their totals. Removing the radial part as
+    # u - w <w, u> / (|w| + eps)^2 equals the reference's Wh <Wh, u> with Wh = w / (|w| + eps).
+    other = tuple(a for a in range(w.ndim) if a != channel_axis % w.ndim)
+    dot_gw, g_sq, w_sq, dot_wu = (
+        jnp.sum(x * y, axis=other, keepdims=True) for x, y in ((g, w), (g, g), (w, w), (w, u))
+    )
+    row_c = math.prod(w.shape[a] for a in other)
+    chan_score = jnp.max(_cos(dot_gw, g_sq, w_sq, eps)) * math.sqrt(row_c) / delta
+    layer_score = _cos(jnp.sum(dot_gw), jnp.sum(g_sq), jnp.sum(w_sq), eps) * math.sqrt(w.size)
+    layer_score = layer_score / delta
     chan_ok, layer_ok = chan_score < 1.0, layer_score < 1.0
-    u_chan = _remove_radial(uc, wc, eps)
-    u_chan = jnp.moveaxis(u_chan.reshape(jnp.moveaxis(u, channel_axis, 0).shape), 0, channel_axis)
-    u_layer = _remove_radial(ul, wl, eps).reshape(u.shape)
-    out = jnp.where(chan_ok, u_chan, jnp.where(layer_ok, u_layer, u))
+    coef_chan = dot_wu / jnp.square(jnp.sqrt(w_sq) + eps)
+    coef_layer = jnp.sum(dot_wu) / jnp.square(jnp.sqrt(jnp.sum(w_sq)) + eps)
+    coef = jnp.where(chan_ok, coef_chan, jnp.where(layer_ok, coef_layer, 0.0))
+    out = u - w * coef
     ratio = jnp.where(chan_ok | layer_ok, jnp.asarray(wd_ratio, u.dtype), one)
     view = jnp.where(chan_ok, 1, jnp.where(layer_ok, 2, 0)).astype(jnp.int32)
     return Projected(out, ratio, view, chan_score, layer_score)

@@ -129,10 +129,22 @@ def test_benchmark_runs_and_reports_ratios(tmp_path, variants):
         assert r["value_rel_err"] <= 1e-5, r
 
 
-def test_docstring_examples_run():
+@pytest.mark.parametrize(
+    "module",
+    [
+        "alignjax.ops.logprobs",
+        "alignjax.losses.compose",
+        "alignjax.optim.adamp",
+        "alignjax.optim.sgdp",
+        "alignjax.optim.projection",
+        "alignjax.optim.labels",
+        "alignjax.optim.constraints",
+        "alignjax.optim.multi_objective",
+    ],
+)
+def test_docstring_examples_run(module):
     import doctest
+    import importlib
 
-    from alignjax.ops import logprobs
-
-    result = doctest.testmod(logprobs)
-    assert result.attempted > 0 and result.failed == 0
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0, module

@@ -4,6 +4,29 @@ parameters onto constraint sets, and parameter labelling (adapters only, no-deca
 Fine-Tuning)."""
 
 from alignjax.optim.adamp import ScaleByAdamPState, adamp, scale_by_adamp
+from alignjax.optim.constraints import project_params
+from alignjax.optim.labels import (
+    FROZEN,
+    TRAINABLE,
+    MaskedTrainState,
+    adapter_labels,
+    decay_mask,
+    hft,
+    hft_labels,
+    label_by_regex,
+    masked_train,
+    param_paths,
+    path_string,
+    set_trainable,
+    train_only,
+)
+from alignjax.optim.multi_objective import (
+    TermGradients,
+    mgda,
+    pcgrad,
+    pcgrad_projections,
+    term_gradients,
+)
 from alignjax.optim.projection import (
     ProjectRadialState,
     flax_channel_axes,
@@ -14,6 +37,25 @@ from alignjax.optim.projection import (
 from alignjax.optim.sgdp import ScaleBySGDPState, scale_by_sgdp, sgdp
 
 __all__ = [
+    "FROZEN",
+    "TRAINABLE",
+    "MaskedTrainState",
+    "TermGradients",
+    "adapter_labels",
+    "decay_mask",
+    "hft",
+    "hft_labels",
+    "label_by_regex",
+    "masked_train",
+    "mgda",
+    "param_paths",
+    "path_string",
+    "pcgrad",
+    "pcgrad_projections",
+    "project_params",
+    "set_trainable",
+    "term_gradients",
+    "train_only",
     "ProjectRadialState",
     "ScaleByAdamPState",
     "ScaleBySGDPState",

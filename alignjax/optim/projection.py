@@ -31,22 +31,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src.base import NO_PARAMS_MSG
+
+from alignjax.optim.constraints import NO_PARAMS_MSG
+from alignjax.optim.labels import _key, path_string
 
 ChannelAxisSpec = int | None | Any | Callable[[Any], Any]
 Hyper = float | Callable[[jax.Array], jax.Array]
-
-
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def leaf_path(path) -> str:
-    """A tree path as 'a/b/0/kernel'."""
-    return "/".join(_key_name(k) for k in path)
 
 
 def flax_channel_axes(params) -> Any:
@@ -56,7 +46,7 @@ def flax_channel_axes(params) -> Any:
     def axis(path, leaf):
         if jnp.ndim(leaf) <= 1:
             return None
-        return 0 if path and _key_name(path[-1]) == "embedding" else -1
+        return 0 if path and str(_key(path[-1])) == "embedding" else -1
 
     return jax.tree_util.tree_map_with_path(axis, params)
 
@@ -87,7 +77,7 @@ def resolve_channel_axes(channel_axis: ChannelAxisSpec, params) -> Any:
             continue
         if not isinstance(ax, int) or not -ndim <= ax < ndim:
             raise ValueError(
-                f"`channel_axis` for parameter {leaf_path(path)!r} of shape {jnp.shape(leaf)} "
+                f"`channel_axis` for parameter {path_string(path)!r} of shape {jnp.shape(leaf)} "
                 f"must be an int in [-{ndim}, {ndim}) or None, got {ax!r}"
             )
         out.append(ax % ndim)

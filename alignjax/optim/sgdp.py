@@ -18,8 +18,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src.base import NO_PARAMS_MSG
 
+from alignjax.optim.constraints import NO_PARAMS_MSG
 from alignjax.optim.projection import (
     ChannelAxisSpec,
     Hyper,

@@ -252,3 +252,49 @@ def test_bad_hyperparameters_and_missing_params():
     params = {"w": jnp.ones((2, 2))}
     with pytest.raises(ValueError, match="params"):
         tx.update(params, tx.init(params))
+
+
+def numpy_projection(w, g, u, axis, delta=0.1, wd_ratio=0.1, eps=1e-8):
+    """The reference `_projection` (adamp 0.3.0) in NumPy, with the channel axis moved first."""
+    w, g, u = (np.moveaxis(np.asarray(x, np.float64), axis, 0) for x in (w, g, u))
+    for rows in (lambda x: x.reshape(x.shape[0], -1), lambda x: x.reshape(1, -1)):
+        wr, gr = rows(w), rows(g)
+        cos = np.abs((wr * gr).sum(1)) / (
+            np.maximum(np.linalg.norm(gr, axis=1), eps)
+            * np.maximum(np.linalg.norm(wr, axis=1), eps)
+        )
+        if cos.max() < delta / np.sqrt(wr.shape[1]):
+            pn = wr / (np.linalg.norm(wr, axis=1, keepdims=True) + eps)
+            ur = rows(u) - pn * (pn * rows(u)).sum(1, keepdims=True)
+            return np.moveaxis(ur.reshape(u.shape), 0, axis), wd_ratio
+    return np.moveaxis(u, 0, axis), 1.0
+
+
+@pytest.mark.parametrize(
+    "shape,axis,view",
+    [
+        ((5, 4099), 1, "channel"),  # wider than COLUMN_BLOCK, not a multiple: overlapping block
+        ((5, 4099), 1, "layer"),
+        ((4099, 3), 0, "channel"),
+        ((3, 3, 2, 5), 3, "channel"),
+        ((4, 6, 5), 1, "channel"),  # a middle channel axis
+        ((6, 7), 1, "none"),
+    ],
+)
+def test_radial_projection_matches_numpy_reference(shape, axis, view, x64):
+    rng = np.random.default_rng(sum(shape))
+    w, g, u = (rng.normal(size=shape) for _ in range(3))
+    wm = np.moveaxis(w, axis, 0).reshape(shape[axis], -1)
+    gm = np.moveaxis(g, axis, 0).reshape(shape[axis], -1)
+    if view == "channel":  # gradient orthogonal to every channel: the channel test fires
+        gm = gm - wm * (gm * wm).sum(1, keepdims=True) / (wm * wm).sum(1, keepdims=True)
+    elif view == "layer":  # orthogonal to the whole tensor only, channels far from orthogonal
+        gm = wm[::-1] + 0.0
+        gm = gm - wm * (gm * wm).sum() / (wm * wm).sum()
+    rest = [shape[a] for a in range(len(shape)) if a != axis]
+    g = np.moveaxis(gm.reshape(shape[axis], *rest), 0, axis)
+    want, ratio = numpy_projection(w, g, u, axis)
+    got = optim.radial_projection(jnp.asarray(w), jnp.asarray(g), jnp.asarray(u), axis)
+    assert int(got.view) == {"none": 0, "channel": 1, "layer": 2}[view]
+    np.testing.assert_allclose(got.update, want, rtol=1e-12, atol=1e-12)
+    assert float(got.ratio) == ratio

@@ -1,6 +1,7 @@
 """The package, its install metadata, the README commands and the main job stay consistent."""
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -148,3 +149,47 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0, module
+
+
+def test_experiment_quick_run(tmp_path):
+    """experiments/adamp_effective_step.py runs end to end on its quick setting."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "adamp_effective_step.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {r["optimizer"] for r in summary["rows"]} == {"adam", "adamp", "sgd", "sgdp"}
+
+
+def test_optim_benchmark_runs(tmp_path):
+    """benchmarks/optim.py works end to end on a tiny tree (numbers are not asserted)."""
+    out = tmp_path / "optim"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "optim.py"),
+            "--size",
+            "tiny",
+            "--reps",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "adamw" in proc.stdout and "x |" in proc.stdout
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert {"adamp", "adamw", "sgdp", "sgd"} <= {r["variant"] for r in rows}

@@ -100,9 +100,9 @@ def _channel_stats(w, g, u, axis: int):
 
     No transposed copy for the two layouts that occur (channel axis first, as embeddings: row
     reductions; or last, as Flax kernels: dot products over the rows, which XLA:CPU runs far
-    faster than a reduction over the leading axis). A channel-last matrix with many columns (an LM head, (D, vocab)) is
-    reduced in column blocks: XLA:CPU reduces a (D, vocab) array over its leading axis about
-    ten times slower than the same data in blocks of 2048 columns. HIGHEST precision keeps
+    faster than a reduction over the leading axis). A channel-last matrix with many columns
+    (an LM head, (D, vocab)) is reduced in column blocks: XLA:CPU reduces a (D, vocab) array
+    about ten times slower than the same data in blocks of 2048 columns. HIGHEST precision keeps
     the dots in float32 on TPU, whose default precision for float32 matmuls is bfloat16.
     """
     hi = lax.Precision.HIGHEST

@@ -141,6 +141,10 @@ def test_benchmark_runs_and_reports_ratios(tmp_path, variants):
         "alignjax.optim.labels",
         "alignjax.optim.constraints",
         "alignjax.optim.multi_objective",
+        "alignjax.peft.lora",
+        "alignjax.peft.bone",
+        "alignjax.peft.adalora",
+        "alignjax.peft.inject",
     ],
 )
 def test_docstring_examples_run(module):

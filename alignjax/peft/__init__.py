@@ -1,0 +1,42 @@
+"""Flax NNX adapters with HF PEFT semantics: LoRA / DoRA, Bone / Bat / MiSS-mini and AdaLoRA,
+injected by regex on module paths, mergeable and exactly unmergeable, with an
+adapters-disabled view of the base model and adapter-only state."""
+
+from alignjax.peft.adalora import AdaLoRA
+from alignjax.peft.base import AdapterLinear, AdapterParam, AdapterState
+from alignjax.peft.bone import Bone, bat_kernel, bat_unmerge, bone_delta
+from alignjax.peft.inject import (
+    Rule,
+    adapter_state,
+    adapters,
+    adapters_disabled,
+    apply,
+    linear_paths,
+    load_adapter_state,
+    merge,
+    unload,
+    unmerge,
+)
+from alignjax.peft.lora import LoRA
+
+__all__ = [
+    "AdaLoRA",
+    "AdapterLinear",
+    "AdapterParam",
+    "AdapterState",
+    "Bone",
+    "LoRA",
+    "Rule",
+    "adapter_state",
+    "adapters",
+    "adapters_disabled",
+    "apply",
+    "bat_kernel",
+    "bat_unmerge",
+    "bone_delta",
+    "linear_paths",
+    "load_adapter_state",
+    "merge",
+    "unload",
+    "unmerge",
+]

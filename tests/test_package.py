@@ -145,6 +145,7 @@ def test_benchmark_runs_and_reports_ratios(tmp_path, variants):
         "alignjax.peft.bone",
         "alignjax.peft.adalora",
         "alignjax.peft.inject",
+        "alignjax.peft.adalora_allocator",
     ],
 )
 def test_docstring_examples_run(module):

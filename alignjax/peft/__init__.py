@@ -2,9 +2,18 @@
 injected by regex on module paths, mergeable and exactly unmergeable, with an
 adapters-disabled view of the base model and adapter-only state."""
 
+from alignjax.peft import adalora_allocator
 from alignjax.peft.adalora import AdaLoRA
+from alignjax.peft.adalora_allocator import (
+    AdaLoraSchedule,
+    AllocatorState,
+    init_allocator,
+    orthogonal_regularizer,
+    update_and_allocate,
+)
 from alignjax.peft.base import AdapterLinear, AdapterParam, AdapterState
 from alignjax.peft.bone import Bone, bat_kernel, bat_unmerge, bone_delta
+from alignjax.peft.hf_peft import export_adapters, import_adapters, read_adapters
 from alignjax.peft.inject import (
     Rule,
     adapter_state,
@@ -21,6 +30,12 @@ from alignjax.peft.lora import LoRA
 
 __all__ = [
     "AdaLoRA",
+    "AdaLoraSchedule",
+    "AllocatorState",
+    "adalora_allocator",
+    "init_allocator",
+    "orthogonal_regularizer",
+    "update_and_allocate",
     "AdapterLinear",
     "AdapterParam",
     "AdapterState",
@@ -34,6 +49,9 @@ __all__ = [
     "bat_kernel",
     "bat_unmerge",
     "bone_delta",
+    "export_adapters",
+    "import_adapters",
+    "read_adapters",
     "linear_paths",
     "load_adapter_state",
     "merge",

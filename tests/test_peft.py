@@ -284,3 +284,33 @@ def test_adapter_state_round_trip_and_unload():
     peft.unload(other)
     assert not peft.adapters(other) and isinstance(other.layers[0].q_proj, nnx.Linear)
     np.testing.assert_allclose(other(x), out, rtol=1e-5, atol=1e-6)
+
+
+def test_adalora_training_step_with_the_allocator():
+    """One jitted step: loss + orthogonal regulariser, adapter-only update, allocation; the
+    allocator's masks land in the layers' e."""
+    model = Block(nnx.Rngs(0))
+    peft.apply(model, [peft.Rule(r".*_proj", "adalora", rank=4, alpha=8.0)], rngs=nnx.Rngs(1))
+    cfg = peft.AdaLoraSchedule(init_r=4, target_r=2, tinit=1, tfinal=2, total_step=6)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=peft.AdapterParam)
+    state = peft.init_allocator(peft.adalora_triplets(model))
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(8, 8)), jnp.float32)
+
+    @nnx.jit(static_argnums=(4,))
+    def step(model, optimizer, state, t, cfg):
+        def loss_fn(m):
+            reg = peft.orthogonal_regularizer(peft.adalora_triplets(m))
+            return jnp.mean((m(x) - 1.0) ** 2) + 0.5 * reg
+
+        grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, peft.AdapterParam))(model)
+        optimizer.update(model, grads)
+        params, state, info = peft.update_and_allocate(
+            peft.adalora_triplets(model), peft.adalora_triplets(model, grads), state, t, cfg
+        )
+        peft.set_adalora_e(model, params)
+        return state, info
+
+    for t in range(cfg.total_step):
+        state, info = step(model, optimizer, state, t, cfg)
+    kept = sum(int(jnp.sum(layer.lora_e[...] != 0)) for _, layer in peft.adapters(model))
+    assert int(info.budget) == 2 * 4 and kept == 8  # target_r * layers singular values remain

@@ -16,6 +16,7 @@ from alignjax.peft.bone import Bone, bat_kernel, bat_unmerge, bone_delta
 from alignjax.peft.hf_peft import export_adapters, import_adapters, read_adapters
 from alignjax.peft.inject import (
     Rule,
+    adalora_triplets,
     adapter_state,
     adapters,
     adapters_disabled,
@@ -23,6 +24,7 @@ from alignjax.peft.inject import (
     linear_paths,
     load_adapter_state,
     merge,
+    set_adalora_e,
     unload,
     unmerge,
 )
@@ -42,6 +44,8 @@ __all__ = [
     "Bone",
     "LoRA",
     "Rule",
+    "adalora_triplets",
+    "set_adalora_e",
     "adapter_state",
     "adapters",
     "adapters_disabled",

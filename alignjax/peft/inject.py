@@ -28,6 +28,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 from flax import nnx
 
 from alignjax.peft.adalora import AdaLoRA
@@ -206,3 +207,32 @@ def adapter_state(model: nnx.Module) -> nnx.State:
 def load_adapter_state(model: nnx.Module, state: nnx.State) -> None:
     """Load adapter-only state into a model with the same adapters (in place)."""
     nnx.update(model, state)
+
+
+def adalora_triplets(model: nnx.Module, grads: nnx.State | None = None) -> dict[str, tuple]:
+    """`{path: (a, e, b)}` of the model's AdaLoRA layers, the input of
+    `adalora_allocator.update_and_allocate`; with `grads` (an `nnx.State` of the same model,
+    e.g. from `nnx.grad(..., argnums=nnx.DiffState(0, AdapterParam))`), the gradients at the
+    same places instead."""
+    out = {}
+    for path, layer in adapters(model):
+        if not isinstance(layer, AdaLoRA):
+            continue
+        if grads is None:
+            out[path] = (layer.lora_a[...], layer.lora_e[...], layer.lora_b[...])
+            continue
+        node = grads
+        for key in _split(path):
+            node = node[key]
+        out[path] = tuple(jnp.asarray(node[k][...]) for k in ("lora_a", "lora_e", "lora_b"))
+    if not out:
+        raise ValueError("`model` has no AdaLoRA layers")
+    return out
+
+
+def set_adalora_e(model: nnx.Module, triplets: dict[str, tuple]) -> None:
+    """Write the singular values `e` of `triplets` (as returned by the allocator) back into the
+    model's AdaLoRA layers, in place."""
+    layers = dict(adapters(model))
+    for path, (_, e, _) in triplets.items():
+        layers[path].lora_e[...] = e

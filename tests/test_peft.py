@@ -93,7 +93,7 @@ def test_lora_inits(x64):
 
 @pytest.mark.parametrize("n_in", [8, 10])  # 10 % 4 != 0: the zero-padded last chunk
 def test_bone_matches_peft_formula(n_in, x64):
-    layer = peft.Bone(linear(n_in, 6), rank=4, rngs=nnx.Rngs(1))
+    layer = peft.Bone(linear(n_in, 6), rank=4, variant="bone", rngs=nnx.Rngs(1))
     randomize(layer)
     x = np.random.default_rng(4).normal(size=(3, n_in))
     blk, W, b = np.asarray(layer.block[...]), torch_w(layer), np.asarray(layer.base.bias[...])
@@ -153,7 +153,7 @@ def test_merge_unmerge_round_trip_float32():
     for layer in (
         peft.LoRA(linear(16, 12), rank=4, alpha=8.0, use_dora=True, rngs=nnx.Rngs(1)),
         peft.Bone(linear(16, 12), rank=4, variant="bat", rngs=nnx.Rngs(1)),
-        peft.Bone(linear(14, 12), rank=4, rngs=nnx.Rngs(1)),
+        peft.Bone(linear(14, 12), rank=4, variant="bone", rngs=nnx.Rngs(1)),
         peft.AdaLoRA(linear(16, 12), rank=4, rngs=nnx.Rngs(1)),
     ):
         randomize(layer, scale=0.2)

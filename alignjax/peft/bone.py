@@ -65,7 +65,8 @@ class Bone(AdapterLinear):
     Args:
       base: the layer to adapt.
       rank: the block size r (PEFT's `r`, default 64 there), not a LoRA rank.
-      variant: "bone" (default), "bat" or "mini".
+      variant: "bat" (default: the paper's Block Affine Transformation), "bone" (PEFT's
+        default shared block) or "mini".
       mini_r: the number of distinct output columns of the "mini" block.
       dropout: MiSS's dropout on the adapter input ("bone" and "mini").
       init: "zeros" (PEFT's default: the adapter starts as a no-op) or "random" (PEFT's
@@ -88,7 +89,7 @@ class Bone(AdapterLinear):
         base: nnx.Linear,
         *,
         rank: int,
-        variant: str = "bone",
+        variant: str = "bat",
         mini_r: int = 1,
         dropout: float = 0.0,
         init: str = "zeros",

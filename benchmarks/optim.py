@@ -60,7 +60,7 @@ def shapes(size: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def jax_rows(size: str, reps: int) -> list[dict]:
+def jax_rows(size: str, reps: int, variants: set[str] | None = None) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import optax
@@ -97,6 +97,8 @@ def jax_rows(size: str, reps: int) -> list[dict]:
     }
     rows = []
     for name, tx in txs.items():
+        if variants is not None and name not in variants:
+            continue
 
         def step(p, s, g, tx=tx):
             u, s = tx.update(g, s, p)
@@ -177,6 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="default")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--torch-python", help="a Python with torch==2.13.0 and adamp==0.3.0")
+    ap.add_argument("--variants", help="comma-separated JAX optimizers to time (default: all)")
     ap.add_argument("--out", type=Path, default=RESULTS / "optim")
     ap.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -189,7 +192,7 @@ def main(argv=None) -> int:
         f"optimizer step, {args.size} Llama-shaped tree, jax {jax.__version__} "
         f"({jax.devices()[0].platform}), float32"
     )
-    rows = jax_rows(args.size, args.reps)
+    rows = jax_rows(args.size, args.reps, set(args.variants.split(",")) if args.variants else None)
     notes = []
     if args.torch_python:
         cmd = [

@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     cfg = Study()
     grid = [(1e-3, 0.1), (3e-3, 0.3)]
     if args.quick:
-        cfg = replace(cfg, width=64, train=2048, test=512, steps=100)
+        cfg = replace(cfg, width=32, train=1024, test=256, steps=60)
         grid = grid[:1]
     args.out.mkdir(parents=True, exist_ok=True)
     results, t0 = {}, time.perf_counter()

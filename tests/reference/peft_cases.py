@@ -17,18 +17,18 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 class Net(nnx.Module):
     """Linear layers named and shaped as the fixture's torch model, float64 weights from it."""
 
-    def __init__(self, data, meta, which: str):
+    def __init__(self, data, meta, which: str, dtype=jnp.float64):
         for name, spec in meta["modules"][which].items():
             layer = nnx.Linear(
                 spec["in"],
                 spec["out"],
                 use_bias=spec["bias"],
-                param_dtype=jnp.float64,
+                param_dtype=dtype,
                 rngs=nnx.Rngs(0),
             )
-            layer.kernel[...] = jnp.asarray(data[f"base/{which}/{name}/weight"].T)
+            layer.kernel[...] = jnp.asarray(data[f"base/{which}/{name}/weight"].T, dtype)
             if spec["bias"]:
-                layer.bias[...] = jnp.asarray(data[f"base/{which}/{name}/bias"])
+                layer.bias[...] = jnp.asarray(data[f"base/{which}/{name}/bias"], dtype)
             setattr(self, name, layer)
 
 

@@ -157,16 +157,17 @@ def test_docstring_examples_run(module):
     assert result.attempted > 0 and result.failed == 0, module
 
 
-def test_experiment_quick_run(tmp_path):
-    """experiments/adamp_effective_step.py runs end to end on its quick setting."""
+@pytest.mark.parametrize(
+    "script,key,expected",
+    [
+        ("adamp_effective_step.py", "optimizer", {"adam", "adamp", "sgd", "sgdp"}),
+        ("bone_vs_lora.py", "method", {"full", "lora", "bat", "adalora"}),
+    ],
+)
+def test_experiment_quick_run(tmp_path, script, key, expected):
+    """The experiments run end to end on their quick settings and write their outputs."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "experiments" / "adamp_effective_step.py"),
-            "--quick",
-            "--out",
-            str(tmp_path),
-        ],
+        [sys.executable, str(ROOT / "experiments" / script), "--quick", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -174,7 +175,7 @@ def test_experiment_quick_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "curves.png").stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert {r["optimizer"] for r in summary["rows"]} == {"adam", "adamp", "sgd", "sgdp"}
+    assert {r[key] for r in summary["rows"]} == expected
 
 
 def test_optim_benchmark_runs(tmp_path):

@@ -147,6 +147,7 @@ def test_benchmark_runs_and_reports_ratios(tmp_path, variants):
         "alignjax.peft.adalora",
         "alignjax.peft.inject",
         "alignjax.peft.adalora_allocator",
+        "alignjax.models.llama",
     ],
 )
 def test_docstring_examples_run(module):

@@ -1,0 +1,351 @@
+"""A Llama-family decoder in Flax NNX: Llama 2 / 3 (with llama3 RoPE scaling), Mistral and Qwen2
+(q/k/v biases). transformers 5 has no Flax models, so this is ours; its attribute paths mirror
+transformers' module names (`model.layers.0.self_attn.q_proj`, ...) so that HF checkpoints map
+onto it by renaming alone (`checkpoint.py`), with kernels transposed to the Flax layout.
+
+    h = embed(ids)
+    for each layer:  h = h + attn(rms_norm(h));  h = h + mlp(rms_norm(h))
+    last_hidden_state = rms_norm(h);  logits = last_hidden_state @ unembed
+
+Attention goes through `jax.nn.dot_product_attention` (grouped-query heads natively), with a
+boolean mask that combines causality, padding and packed segments, so backends with fused
+attention kernels use them. Positions default to `cumsum(attention_mask) - 1` (left padding
+works), or restart at every packed segment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """The architecture, in transformers' field names (`from_hf` / `to_hf` convert)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Llama / Mistral: on q, k, v and o; Qwen2 sets qkv_bias
+    qkv_bias: bool = False
+    mlp_bias: bool = False
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        # Modules keep the config as static metadata, which must be hashable: a dict is not.
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        if self.model_type not in SUPPORTED:
+            raise ValueError(f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED}")
+        if self.num_attention_heads % self.kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.kv_heads})"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, config: dict) -> LlamaConfig:
+        """From a transformers `config.json` dict; unknown architectures raise ValueError."""
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED:
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: {SUPPORTED}")
+        rope = config.get("rope_parameters") or config.get("rope_scaling")
+        theta = config.get("rope_theta")
+        if theta is None and rope:
+            theta = rope.get("rope_theta")
+        if rope and rope.get("rope_type", rope.get("type")) in (None, "default"):
+            rope = None
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in config.items() if k in fields and k not in ("rope_scaling",)}
+        kw.update(rope_theta=float(theta if theta is not None else 10000.0), rope_scaling=rope)
+        if model_type == "qwen2":
+            kw["qkv_bias"], kw["attention_bias"] = True, False
+        if kw.get("head_dim") is None:
+            kw.pop("head_dim", None)
+        return cls(**kw)
+
+    @property
+    def rope(self) -> dict | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    def to_hf(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["rope_scaling"] = self.rope
+        out.pop("qkv_bias")
+        out["num_key_value_heads"] = self.kv_heads
+        out["head_dim"] = self.dim_per_head
+        if self.model_type == "qwen2":
+            out.pop("attention_bias")
+            out.pop("mlp_bias")
+        arch = {
+            "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+        }
+        out["architectures"] = [arch[self.model_type]]
+        return out
+
+
+def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
+    """Inverse frequencies `theta^(-2i/d)`, with Llama 3's scaling when configured (long
+    wavelengths divided by `factor`, short ones kept, a smooth blend between)."""
+    d = cfg.dim_per_head
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    scaling = cfg.rope or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind is None:
+        return inv
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope scaling {kind!r}; supported: llama3")
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = original / low, original / high
+    scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, blended, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """transformers' rotate-half convention on [B, T, heads, head_dim], computed in float32."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, d/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """y = weight * x / sqrt(mean(x^2) + eps), normalised in float32 as transformers does."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _linear(n_in, n_out, bias, cfg_kw, rngs):
+    return nnx.Linear(n_in, n_out, use_bias=bias, rngs=rngs, **cfg_kw)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, lin: dict, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.dim_per_head
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = _linear(d, cfg.num_attention_heads * hd, qkv_bias, lin, rngs)
+        self.k_proj = _linear(d, cfg.kv_heads * hd, qkv_bias, lin, rngs)
+        self.v_proj = _linear(d, cfg.kv_heads * hd, qkv_bias, lin, rngs)
+        self.o_proj = _linear(cfg.num_attention_heads * hd, d, cfg.attention_bias, lin, rngs)
+        self.heads, self.kv, self.hd = cfg.num_attention_heads, cfg.kv_heads, hd
+
+    def __call__(self, x, positions, mask, inv_freq):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.heads, self.hd)
+        k = self.k_proj(x).reshape(b, t, self.kv, self.hd)
+        v = self.v_proj(x).reshape(b, t, self.kv, self.hd)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        out = out.reshape(b, t, self.heads * self.hd)
+        return self.o_proj(out), out
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, lin: dict, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(d, f, cfg.mlp_bias, lin, rngs)
+        self.up_proj = _linear(d, f, cfg.mlp_bias, lin, rngs)
+        self.down_proj = _linear(f, d, cfg.mlp_bias, lin, rngs)
+
+    def __call__(self, x):
+        act = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(act), act
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, lin: dict, rngs: nnx.Rngs):
+        pd = lin["param_dtype"]
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd)
+        self.self_attn = Attention(cfg, lin, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd)
+        self.mlp = MLP(cfg, lin, rngs)
+
+    def __call__(self, h, positions, mask, inv_freq):
+        attn, attn_heads = self.self_attn(self.input_layernorm(h), positions, mask, inv_freq)
+        h = h + attn
+        mlp, mlp_act = self.mlp(self.post_attention_layernorm(h))
+        h = h + mlp
+        return h, {"attn": attn_heads, "mlp": mlp_act}
+
+
+class ModelOutput(NamedTuple):
+    """`last_hidden_state` [B, T, D] (after the final norm: the input of the LM head);
+    `hidden_states`: (embeddings, each layer's output) when requested; `activations`: per layer
+    {"attn": attention output heads, "mlp": SwiGLU activations, "resid": residual stream} when
+    requested (what MaPO reads)."""
+
+    last_hidden_state: jax.Array
+    hidden_states: tuple | None = None
+    activations: tuple | None = None
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, lin: dict, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, param_dtype=lin["param_dtype"], rngs=rngs
+        )
+        self.layers = nnx.List([DecoderLayer(cfg, lin, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=lin["param_dtype"])
+
+
+def attention_mask_4d(attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """[B, 1, T, T] booleans: causal, keys on real tokens, and (when packed) the same segment."""
+    t = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    keys = attention_mask.astype(bool)[:, None, None, :]
+    mask = causal[None, None] & keys
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = mask & same[:, None]
+    # A query row with no visible key (a padding position) attends to itself: finite, ignored.
+    return mask | jnp.eye(t, dtype=bool)[None, None]
+
+
+def default_positions(attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """cumsum(mask) - 1 (so left padding starts real tokens at 0), restarting per segment."""
+    m = attention_mask.astype(jnp.int32)
+    if segment_ids is None:
+        return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
+    t = m.shape[-1]
+    idx = jnp.arange(t)
+    start = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], -1
+    )
+    first = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+    return idx - first
+
+
+class LlamaForCausalLM(nnx.Module):
+    """The decoder with its LM head.
+
+    Args:
+      cfg: the architecture.
+      dtype: compute dtype (e.g. bfloat16), None for the parameters' dtype.
+      param_dtype: parameter dtype (float32 by default).
+      remat: rematerialise each layer in the backward pass (less memory, more compute).
+      rngs: initialisation.
+
+    Example:
+      >>> from flax import nnx
+      >>> from alignjax.models import LlamaConfig, LlamaForCausalLM
+      >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+      ...                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+      >>> model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+      >>> out = model(jnp.zeros((2, 5), jnp.int32))
+      >>> out.last_hidden_state.shape, model.logits(out.last_hidden_state).shape
+      ((2, 5, 32), (2, 5, 64))
+    """
+
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        *,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        lin = {"dtype": dtype, "param_dtype": param_dtype}
+        self.config = cfg
+        self.dtype = dtype
+        self.remat = remat
+        self.model = LlamaModel(cfg, lin, rngs)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, rngs=rngs, **lin)
+        )
+
+    def unembed(self) -> jax.Array:
+        """The [D, V] LM-head matrix (the transposed embedding when tied): what
+        `ops.fused_token_logps` takes."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        w = self.unembed()
+        dt = self.dtype or w.dtype
+        return hidden.astype(dt) @ w.astype(dt)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        output_hidden_states: bool = False,
+        output_activations: bool = False,
+    ) -> ModelOutput:
+        if input_ids.ndim != 2:
+            raise ValueError(f"`input_ids` must be [B, T], got shape {input_ids.shape}")
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` must have shape {input_ids.shape}, got {attention_mask.shape}"
+            )
+        if positions is None:
+            positions = default_positions(attention_mask, segment_ids)
+        mask = attention_mask_4d(attention_mask, segment_ids)
+        h = self.model.embed_tokens(input_ids)
+        if self.dtype is not None:
+            h = h.astype(self.dtype)
+        inv_freq = rope_frequencies(self.config)  # a constant under jit
+        hidden, acts = [h], []
+        for layer in self.model.layers:
+            call = nnx.remat(type(layer).__call__) if self.remat else type(layer).__call__
+            h, act = call(layer, h, positions, mask, inv_freq)
+            if output_hidden_states:
+                hidden.append(h)
+            if output_activations:
+                acts.append({**act, "resid": h})
+        last = self.model.norm(h)
+        return ModelOutput(
+            last_hidden_state=last,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            activations=tuple(acts) if output_activations else None,
+        )

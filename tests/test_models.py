@@ -67,21 +67,24 @@ def test_llama3_rope_scaling_matches_formula():
         "factor": 8.0,
         "low_freq_factor": 1.0,
         "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16,
+        "original_max_position_embeddings": 64,  # every branch: kept, blended and scaled
     }
-    cfg = models.LlamaConfig(**{**CFG.__dict__, "rope_scaling": scaling, "rope_theta": 500000.0})
+    cfg = models.LlamaConfig(**{**CFG.__dict__, "rope_scaling": scaling, "rope_theta": 10000.0})
     got = np.asarray(models.rope_frequencies(cfg), np.float64)
     d = cfg.dim_per_head
-    for i, f in enumerate(500000.0 ** (-np.arange(0, d, 2) / d)):
+    branches = set()
+    for i, f in enumerate(10000.0 ** (-np.arange(0, d, 2) / d)):
         wavelen = 2 * math.pi / f
-        if wavelen < 16 / 4.0:
-            want = f
-        elif wavelen > 16 / 1.0:
-            want = f / 8.0
+        if wavelen < 64 / 4.0:
+            want, branch = f, "kept"
+        elif wavelen > 64 / 1.0:
+            want, branch = f / 8.0, "scaled"
         else:
-            smooth = (16 / wavelen - 1.0) / (4.0 - 1.0)
-            want = (1 - smooth) * f / 8.0 + smooth * f
+            smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
+            want, branch = (1 - smooth) * f / 8.0 + smooth * f, "blended"
+        branches.add(branch)
         assert math.isclose(got[i], want, rel_tol=1e-5), (i, got[i], want)
+    assert branches == {"kept", "scaled", "blended"}
 
 
 def test_bad_input(model):

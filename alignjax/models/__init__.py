@@ -9,8 +9,11 @@ from alignjax.models.llama import (
     default_positions,
     rope_frequencies,
 )
+from alignjax.models.sampling import Generation, generate
 
 __all__ = [
+    "Generation",
+    "generate",
     "LlamaConfig",
     "LlamaForCausalLM",
     "ModelOutput",

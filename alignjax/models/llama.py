@@ -171,15 +171,27 @@ class Attention(nnx.Module):
         self.o_proj = _linear(cfg.num_attention_heads * hd, d, cfg.attention_bias, lin, rngs)
         self.heads, self.kv, self.hd = cfg.num_attention_heads, cfg.kv_heads, hd
 
-    def __call__(self, x, positions, mask, inv_freq):
+    def __call__(self, x, positions, mask, inv_freq, cache=None):
+        """`cache`: None, or (k_cache, v_cache, index) with [B, S, kv, hd] buffers: the new keys
+        and values are written at slots index .. index + T and `mask` is [B, 1, T, S]."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.heads, self.hd)
         k = self.k_proj(x).reshape(b, t, self.kv, self.hd)
         v = self.v_proj(x).reshape(b, t, self.kv, self.hd)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        new_cache = None
+        if cache is not None:
+            k_cache, v_cache, index = cache
+            k_cache = jax.lax.dynamic_update_slice_in_dim(
+                k_cache, k.astype(k_cache.dtype), index, 1
+            )
+            v_cache = jax.lax.dynamic_update_slice_in_dim(
+                v_cache, v.astype(v_cache.dtype), index, 1
+            )
+            k, v, new_cache = k_cache.astype(q.dtype), v_cache.astype(q.dtype), (k_cache, v_cache)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         out = out.reshape(b, t, self.heads * self.hd)
-        return self.o_proj(out), out
+        return self.o_proj(out), out, new_cache
 
 
 class MLP(nnx.Module):
@@ -202,12 +214,14 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd)
         self.mlp = MLP(cfg, lin, rngs)
 
-    def __call__(self, h, positions, mask, inv_freq):
-        attn, attn_heads = self.self_attn(self.input_layernorm(h), positions, mask, inv_freq)
+    def __call__(self, h, positions, mask, inv_freq, cache=None):
+        attn, heads, cache = self.self_attn(
+            self.input_layernorm(h), positions, mask, inv_freq, cache
+        )
         h = h + attn
         mlp, mlp_act = self.mlp(self.post_attention_layernorm(h))
         h = h + mlp
-        return h, {"attn": attn_heads, "mlp": mlp_act}
+        return h, {"attn": heads, "mlp": mlp_act}, cache
 
 
 class ModelOutput(NamedTuple):
@@ -298,6 +312,19 @@ class LlamaForCausalLM(nnx.Module):
             else nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, rngs=rngs, **lin)
         )
 
+    def step_with_cache(self, input_ids, positions, mask, caches, index):
+        """Run T new tokens against a KV cache (the sampler's prefill and decode steps):
+        returns the final hidden states [B, T, D] and the updated caches."""
+        h = self.model.embed_tokens(input_ids)
+        if self.dtype is not None:
+            h = h.astype(self.dtype)
+        inv_freq = rope_frequencies(self.config)
+        new = []
+        for layer, (k_cache, v_cache) in zip(self.model.layers, caches):
+            h, _, cache = layer(h, positions, mask, inv_freq, (k_cache, v_cache, index))
+            new.append(cache)
+        return self.model.norm(h), new
+
     def unembed(self) -> jax.Array:
         """The [D, V] LM-head matrix (the transposed embedding when tied): what
         `ops.fused_token_logps` takes."""
@@ -338,7 +365,7 @@ class LlamaForCausalLM(nnx.Module):
         hidden, acts = [h], []
         for layer in self.model.layers:
             call = nnx.remat(type(layer).__call__) if self.remat else type(layer).__call__
-            h, act = call(layer, h, positions, mask, inv_freq)
+            h, act, _ = call(layer, h, positions, mask, inv_freq)
             if output_hidden_states:
                 hidden.append(h)
             if output_activations:

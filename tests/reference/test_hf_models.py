@@ -97,3 +97,35 @@ def test_greedy_generation_reproduces_transformers(family):
     )
     np.testing.assert_array_equal(gen.tokens, out["gen_tokens"])
     np.testing.assert_allclose(gen.logps, out["gen_logps"], atol=1e-5)
+
+
+SAVED = ROOT.parent / "hf_models_alignjax"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoints_saved_here_load_in_transformers(family, tmp_path):
+    """transformers loaded the checkpoint alignjax wrote (save_alignjax_models.py) and gave our
+    logits; the committed files are what the writer produces now."""
+    import json
+
+    from safetensors.numpy import load_file
+    from save_alignjax_models import save_family
+
+    fresh = save_family(family, tmp_path)
+    committed = SAVED / family
+    assert json.loads((fresh / "config.json").read_text()) == json.loads(
+        (committed / "config.json").read_text()
+    )
+    a = load_file(str(fresh / "model.safetensors"))
+    b = load_file(str(committed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    ran = np.load(SAVED / f"{family}.transformers.npz")
+    model = models.load_pretrained(committed)
+    res = model(
+        jnp.asarray(ran["input_ids"]),
+        jnp.asarray(ran["attention_mask"]),
+        positions=jnp.asarray(ran["position_ids"]),
+    )
+    close_on(ran["attention_mask"], model.logits(res.last_hidden_state), ran["logits"], 1e-4)

@@ -203,3 +203,19 @@ def test_optim_benchmark_runs(tmp_path):
     assert "adamw" in proc.stdout and "x |" in proc.stdout
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert {r["variant"] for r in rows} == {"adamp", "adamw"}
+
+
+def test_model_benchmark_runs(tmp_path):
+    """benchmarks/model.py works end to end on a tiny config (numbers are not asserted)."""
+    out = tmp_path / "model"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "model.py"), "--size", "tiny", "--reps", "1"]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tokens/s" in proc.stdout
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert rows[0]["variant"] == "alignjax (JAX)" and rows[0]["seconds"] > 0

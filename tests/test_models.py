@@ -94,6 +94,13 @@ def test_bad_input(model):
         model(jnp.zeros((2, 5), jnp.int32), jnp.ones((2, 4), jnp.int32))
     with pytest.raises(ValueError, match="model_type"):
         models.LlamaConfig.from_hf({"model_type": "gpt2"})
+    windowed = models.LlamaForCausalLM(
+        models.LlamaConfig(**{**CFG.__dict__, "model_type": "mistral", "sliding_window": 4}),
+        rngs=nnx.Rngs(0),
+    )
+    windowed(jnp.zeros((1, 4), jnp.int32))  # within the window: exact
+    with pytest.raises(ValueError, match="sliding window 4"):
+        windowed(jnp.zeros((1, 5), jnp.int32))
     with pytest.raises(ValueError, match="multiple"):
         models.LlamaConfig(**{**CFG.__dict__, "num_key_value_heads": 3})
 

@@ -46,6 +46,7 @@ class LlamaConfig:
     qkv_bias: bool = False
     mlp_bias: bool = False
     model_type: str = "llama"
+    sliding_window: int | None = None  # Mistral / Qwen2: see `check_length`
 
     def __post_init__(self):
         # Modules keep the config as static metadata, which must be hashable: a dict is not.
@@ -84,9 +85,20 @@ class LlamaConfig:
         kw.update(rope_theta=float(theta if theta is not None else 10000.0), rope_scaling=rope)
         if model_type == "qwen2":
             kw["qkv_bias"], kw["attention_bias"] = True, False
+            if not config.get("use_sliding_window", False):
+                kw["sliding_window"] = None
         if kw.get("head_dim") is None:
             kw.pop("head_dim", None)
         return cls(**kw)
+
+    def check_length(self, length: int) -> None:
+        """Sliding-window attention is not implemented: within the window it equals full causal
+        attention, so sequences up to the window are exact and longer ones are refused."""
+        if self.sliding_window is not None and length > self.sliding_window:
+            raise ValueError(
+                f"sequence length {length} exceeds the sliding window {self.sliding_window} of "
+                f"this {self.model_type} config; sliding-window attention is not implemented"
+            )
 
     @property
     def rope(self) -> dict | None:
@@ -96,6 +108,8 @@ class LlamaConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["rope_scaling"] = self.rope
         out.pop("qkv_bias")
+        if out["sliding_window"] is None:
+            out.pop("sliding_window")
         out["num_key_value_heads"] = self.kv_heads
         out["head_dim"] = self.dim_per_head
         if self.model_type == "qwen2":
@@ -355,6 +369,7 @@ class LlamaForCausalLM(nnx.Module):
             raise ValueError(
                 f"`attention_mask` must have shape {input_ids.shape}, got {attention_mask.shape}"
             )
+        self.config.check_length(input_ids.shape[1])
         if positions is None:
             positions = default_positions(attention_mask, segment_ids)
         mask = attention_mask_4d(attention_mask, segment_ids)

@@ -69,6 +69,7 @@ def generate(
     b, p = prompt_ids.shape
     cfg = model.config
     total = p + max_new_tokens
+    cfg.check_length(total)
     dtype = model.model.embed_tokens.embedding[...].dtype if model.dtype is None else model.dtype
     caches = [
         (

@@ -92,3 +92,17 @@ def test_bad_inputs(tmp_path):
         peft.export_adapters(model, tmp_path / "x")
     with pytest.raises(ValueError, match="adapter_config.json"):
         peft.import_adapters(Block(nnx.Rngs(0)), tmp_path)
+
+
+def test_alpha_pattern_keys_match_as_peft_does(tmp_path):
+    """PEFT matches rank/alpha pattern keys as module-name suffixes (`get_pattern_key`)."""
+    model = Block(nnx.Rngs(0))
+    peft.apply(model, [peft.Rule(".*", "lora", rank=2, alpha=4.0)], rngs=nnx.Rngs(1))
+    randomize(model)
+    path = peft.export_adapters(model, tmp_path / "a")
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["alpha_pattern"] = {"q_.*": 8.0}  # a suffix regex, as users write them for PEFT
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    other = Block(nnx.Rngs(0))
+    peft.import_adapters(other, path)
+    assert other.q_proj.alpha == 8.0 and other.v_proj.alpha == 4.0

@@ -229,7 +229,7 @@ def import_adapters(
         pattern = re.escape(by_module[mod])
         if kind == "LORA":
             rank = ts[".lora_A.weight"].shape[0]
-            alpha = config.get("alpha_pattern", {}).get(mod, config["lora_alpha"])
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, mod, config["lora_alpha"])
             options = dict(
                 use_rslora=config.get("use_rslora", False), lora_bias=".lora_B.bias" in ts
             )
@@ -268,6 +268,14 @@ def import_adapters(
             pattern = config.get("rank_pattern") or {}
             _load_adalora(layer, ts, pattern.get(f"{mod}.lora_E", pattern.get(mod)))
     return sorted(by_module[m] for m in modules)
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default):
+    r"""PEFT's `get_pattern_key`: the first key k with re.match(rf"(.*\.)?({k})$", module)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
 
 
 def _load_adalora(layer: AdaLoRA, ts, keep):

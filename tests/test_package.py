@@ -91,6 +91,15 @@ def test_readme_commands_and_ci():
     assert "eval" in (ROOT / ".ci" / "run").read_text()
 
 
+def run_script(relative: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a repository script with this interpreter; fail with its stderr if it fails."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / relative), *args], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 # The dense token_* kernels are covered by their own tests; one subprocess per variant is what
 # makes this test slow, so the smoke run times the naive and fused ones.
 SMOKE_VARIANTS = "naive_logps,fused_logps,naive_kl,fused_kl"
@@ -100,28 +109,11 @@ SMOKE_VARIANTS = "naive_logps,fused_logps,naive_kl,fused_kl"
 def test_benchmark_runs_and_reports_ratios(tmp_path, variants):
     """The main job's script works end to end on a tiny size (numbers are not asserted)."""
     out = tmp_path / "bench"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "logprobs.py"),
-            "--bt",
-            "64",
-            "--d",
-            "16",
-            "--v",
-            "512",
-            "--reps",
-            "1",
-            "--variants",
-            variants,
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_script(
+        "benchmarks/logprobs.py",
+        *("--bt", "64", "--d", "16", "--v", "512", "--reps", "1"),
+        *("--variants", variants, "--out", str(out)),
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     assert "time / naive" in proc.stdout and "temp / naive" in proc.stdout
 
     results = json.loads(out.with_suffix(".json").read_text())["results"]
@@ -167,13 +159,7 @@ def test_docstring_examples_run(module):
 )
 def test_experiment_quick_run(tmp_path, script, key, expected):
     """The experiments run end to end on their quick settings and write their outputs."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / script), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_script(f"experiments/{script}", "--quick", "--out", str(tmp_path))
     assert (tmp_path / "curves.png").stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {r[key] for r in summary["rows"]} == expected
@@ -182,24 +168,10 @@ def test_experiment_quick_run(tmp_path, script, key, expected):
 def test_optim_benchmark_runs(tmp_path):
     """benchmarks/optim.py works end to end on a tiny tree (numbers are not asserted)."""
     out = tmp_path / "optim"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "optim.py"),
-            "--size",
-            "tiny",
-            "--reps",
-            "1",
-            "--variants",
-            "adamw,adamp",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_script(
+        "benchmarks/optim.py",
+        *("--size", "tiny", "--reps", "1", "--variants", "adamw,adamp", "--out", str(out)),
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     assert "adamw" in proc.stdout and "x |" in proc.stdout
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert {r["variant"] for r in rows} == {"adamp", "adamw"}
@@ -208,14 +180,7 @@ def test_optim_benchmark_runs(tmp_path):
 def test_model_benchmark_runs(tmp_path):
     """benchmarks/model.py works end to end on a tiny config (numbers are not asserted)."""
     out = tmp_path / "model"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "model.py"), "--size", "tiny", "--reps", "1"]
-        + ["--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script("benchmarks/model.py", "--size", "tiny", "--reps", "1", "--out", str(out))
     assert "tokens/s" in proc.stdout
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert rows[0]["variant"] == "alignjax (JAX)" and rows[0]["seconds"] > 0

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_peft import randomize
 
 from alignjax import peft
 
@@ -21,13 +22,6 @@ class Block(nnx.Module):
 
     def __call__(self, x):
         return jnp.concatenate([self.q_proj(x), self.v_proj(x), self.up(x)], -1)
-
-
-def randomize(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for _, v in nnx.iter_graph(model):
-        if isinstance(v, peft.AdapterParam):
-            v[...] = jnp.asarray(rng.normal(0, 0.1, v.shape), v.dtype)
 
 
 CASES = {
@@ -50,7 +44,7 @@ CASES = {
 def test_export_import_round_trip(case, tmp_path):
     model = Block(nnx.Rngs(0))
     peft.apply(model, CASES[case], rngs=nnx.Rngs(1))
-    randomize(model)
+    randomize(model, seed=0)
     extra = {}
     if case == "adalora":
         keep = {p: np.arange(6) % 2 == 0 for p, _ in peft.adapters(model)}
@@ -98,7 +92,7 @@ def test_alpha_pattern_keys_match_as_peft_does(tmp_path):
     """PEFT matches rank/alpha pattern keys as module-name suffixes (`get_pattern_key`)."""
     model = Block(nnx.Rngs(0))
     peft.apply(model, [peft.Rule(".*", "lora", rank=2, alpha=4.0)], rngs=nnx.Rngs(1))
-    randomize(model)
+    randomize(model, seed=0)
     path = peft.export_adapters(model, tmp_path / "a")
     config = json.loads((path / "adapter_config.json").read_text())
     config["alpha_pattern"] = {"q_.*": 8.0}  # a suffix regex, as users write them for PEFT

@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "chex>=0.1.90,<0.2",
     "transformers>=5.0,<6",
     "datasets>=4.0,<6",
+    "tokenizers>=0.21,<0.24",
+    "jinja2>=3.1,<4",
     "safetensors>=0.5,<1",
     "tqdm>=4.66,<5",
     "numpy>=1.26,<3",
@@ -59,6 +61,8 @@ setup(
     packages=find_packages(include=["alignjax", "alignjax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    # The shipped synthetic data and tokenizer (alignjax/data/synthetic.py writes them).
+    package_data={"alignjax.data": ["assets/reviews/*.jsonl", "assets/tokenizer/*.json"]},
     entry_points={},
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -120,6 +120,15 @@ def test_text_rows_tokenize_like_the_tokenizer(tok):
         assert ex["row"] == i
 
 
+def test_column_mapping(tok):
+    renamed = [{"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"], "x": 1} for r in TEXT]
+    got = tokenize(renamed, tok, columns={"prompt": "q", "chosen": "good", "rejected": "bad"})
+    want = tokenize(TEXT, tok)
+    assert got.dataset.to_list() == want.dataset.to_list()
+    with pytest.raises(data.RowError, match="row 0, field 'chosen': missing chosen .column 'good'"):
+        data.normalize_row({"q": "x"}, 0, got.format)
+
+
 def test_conversational_rows_use_the_chat_template(tok):
     p, c = conv("how was the soup?", "it was great.", system="you review food")
     _, r = conv("how was the soup?", "cold.")

@@ -96,7 +96,19 @@ class DataLoader:
       for step, batch in loader.epoch(0): ...
     """
 
-    def __init__(self, tokenized, config: LoaderConfig, *, process_index=0, process_count=1):
+    def __init__(
+        self,
+        tokenized,
+        config: LoaderConfig,
+        *,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        if process_index is None or process_count is None:  # this JAX process's shard
+            import jax
+
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         if not config.packing and config.batch_size % process_count:

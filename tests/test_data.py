@@ -8,7 +8,6 @@ packing against the model run on the unpacked (padded) batch. TRL parity of the 
 in tests/reference/test_trl_data.py.
 """
 
-
 import datasets
 import jax
 import jax.numpy as jnp

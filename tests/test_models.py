@@ -1,7 +1,9 @@
 """The NNX Llama-family decoder: invariances that any correct implementation has (left padding,
-packing with segment ids, GQA against repeated heads, remat), llama3 RoPE scaling against the
-formula, and bad input. Parity with transformers is in tests/reference/test_hf_models.py."""
+packing with segment ids, GQA against repeated heads, remat), attention against a float64
+reference, llama3 RoPE scaling against the formula, bfloat16 compute against float32, and bad
+input. Parity with transformers is in tests/reference/test_hf_models.py."""
 
+import functools
 import math
 
 import jax
@@ -59,6 +61,58 @@ def test_remat_and_hidden_states(model):
     g2 = nnx.grad(lambda m: jnp.sum(m(jnp.asarray(ids)).last_hidden_state ** 2))(remat)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_matches_float64_reference():
+    """Grouped-query attention, whole and in causal query blocks (130 queries in blocks of 32, 33,
+    32 and 33, each against the keys up to its end), equals softmax(q k^T / sqrt(d), masked) v in
+    float64 with every key/value head repeated for its query heads (transformers' repeat_kv), on
+    a mask with left padding in one row and two packed segments in the other."""
+    rng = np.random.default_rng(5)
+    b, t, heads, kv, d = 2, 130, 4, 2, 8
+    q = rng.standard_normal((b, t, heads, d))
+    k, v = rng.standard_normal((2, b, t, kv, d))
+    attention_mask = np.ones((b, t), np.int32)
+    attention_mask[0, :9] = 0
+    segment_ids = np.ones((b, t), np.int32)
+    segment_ids[1, 70:] = 2
+    mask = np.asarray(models.attention_mask_4d(*map(jnp.asarray, (attention_mask, segment_ids))))
+
+    kr, vr = np.repeat(k, heads // kv, axis=2), np.repeat(v, heads // kv, axis=2)
+    scores = np.where(mask, np.einsum("bthd,bshd->bhts", q, kr) / np.sqrt(d), -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("bhts,bshd->bthd", probs / probs.sum(-1, keepdims=True), vr)
+
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)] + [jnp.asarray(mask)]
+    whole = jax.jit(models.grouped_query_attention)(*args)
+    blocks = jax.jit(functools.partial(models.causal_attention, block=32))(*args)
+    np.testing.assert_allclose(whole, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(blocks, want, rtol=1e-5, atol=1e-5)
+    for impl in ("jax", "auto"):  # jax.nn.dot_product_attention (the path GPUs / TPUs take)
+        got = jax.jit(functools.partial(models.attention, implementation=impl, causal=True))(*args)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_implementations_give_the_same_model(model):
+    """The model with jax.nn.dot_product_attention equals the default (CPU: grouped) model,
+    on packed rows and in KV-cache generation (float32 rounding: 2e-5)."""
+    cfg = models.LlamaConfig(**{**CFG.__dict__, "attention_implementation": "jax"})
+    other = models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    nnx.update(other, nnx.state(model))
+    ids = np.random.default_rng(1).integers(1, 50, (2, 9))
+    seg = jnp.asarray([[1] * 4 + [2] * 5, [1] * 9])
+    for kw in ({}, {"segment_ids": seg}):
+        np.testing.assert_allclose(
+            logits(other, ids, **kw), logits(model, ids, **kw), rtol=2e-5, atol=2e-5
+        )
+    mask = jnp.ones((2, 9), jnp.int32)
+    a = models.generate(model, jnp.asarray(ids), mask, max_new_tokens=3)
+    b = models.generate(other, jnp.asarray(ids), mask, max_new_tokens=3)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logps, b.logps, rtol=1e-5, atol=1e-5)
+    assert "attention_implementation" not in cfg.to_hf()
+    with pytest.raises(ValueError, match="attention_implementation"):
+        models.LlamaConfig(**{**CFG.__dict__, "attention_implementation": "flash"})
 
 
 def test_llama3_rope_scaling_matches_formula():
@@ -127,3 +181,61 @@ def test_sampling_is_consistent_with_the_full_forward(model):
     stop = int(greedy.tokens[0, 1])
     stopped = models.generate(model, prompts, mask, max_new_tokens=5, stop_tokens=(stop,))
     assert int(stopped.lengths[0]) <= 2 and np.all(np.asarray(stopped.tokens[0, 2:]) == 0)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_gradients(model):
+    """dtype=bfloat16 with param_dtype=float32: parameters and their gradients stay float32, every
+    activation is bfloat16, log-probs follow the float32 model with the same weights, and the
+    gradient is the float32 loss's (a central difference along it)."""
+    bf16 = nnx.eval_shape(
+        lambda: models.LlamaForCausalLM(CFG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    )
+    nnx.update(bf16, nnx.state(model, nnx.Param))  # the float32 model's weights
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, 50, (2, 7)))
+    mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+
+    def nll(m):
+        logits = m.logits(m(ids, mask).last_hidden_state)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        tok = jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
+        return -jnp.sum(tok * mask[:, 1:]) / jnp.sum(mask[:, 1:]), (logits, logp)
+
+    (_, (logits, logp)), grads = nnx.jit(nnx.value_and_grad(nll, has_aux=True))(bf16)
+    graph, params = nnx.split(model)
+
+    @jax.jit
+    def forward32(step):  # the float32 model at params + step * grads: one compilation
+        shifted = jax.tree.map(lambda p, d: p + step * d, params, grads)
+        loss, (logits, logp) = nll(nnx.merge(graph, shifted))
+        return logits, logp, loss
+
+    logits32, logp32, _ = forward32(0.0)
+
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {jnp.dtype("float32")}
+    out = nnx.eval_shape(
+        lambda m: m(ids, mask, output_hidden_states=True, output_activations=True), bf16
+    )
+    assert {x.dtype for x in jax.tree.leaves((out, logits))} == {jnp.dtype("bfloat16")}
+    assert len(out.hidden_states) == len(out.activations) + 1 == CFG.num_hidden_layers + 1
+    # bfloat16 keeps 8 significant bits: a rounding is off by at most u = 2^-8 relatively, by
+    # u / sqrt(3) rms. About 30 roundings (two layers of projections, norms, attention, MLP and
+    # residual adds, then the head) lie between the ids and a logit; independent, they add up to
+    # ~sqrt(30 / 3) u ~ 3u of a logit's size, and log-probs (softmax in float32) move about as
+    # much. Hence at most 8u of the largest logit anywhere, and u of it on average (most logits
+    # are several times smaller than the largest).
+    real = np.asarray(mask, bool)
+    err = np.abs(np.asarray(logp) - np.asarray(logp32))[real]
+    scale = max(1.0, float(np.max(np.abs(np.asarray(logits32)))))
+    assert err.max() <= 8 * 2**-8 * scale, (err.max(), scale)
+    assert err.mean() <= 2**-8 * scale, (err.mean(), scale)
+
+    g = jax.tree.leaves(grads)
+    assert {x.dtype for x in g} == {jnp.dtype("float32")}
+    assert all(np.all(np.isfinite(x)) for x in g)
+    # Along the unit direction of the bfloat16 gradient g, the float32 loss changes at rate |g| up
+    # to the bfloat16 error of g (a few u); a step of 1e-2 keeps the central difference's own
+    # error (third order, and the float32 rounding of a loss ~4) far below that.
+    norm = float(np.sqrt(sum(np.sum(np.square(x)) for x in g)))
+    ahead, behind = (float(forward32(e / norm)[2]) for e in (1e-2, -1e-2))
+    slope = (ahead - behind) / 2e-2
+    assert abs(slope - norm) <= 12 * 2**-8 * norm, (slope, norm)

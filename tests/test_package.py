@@ -184,3 +184,14 @@ def test_model_benchmark_runs(tmp_path):
     assert "tokens/s" in proc.stdout
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert rows[0]["variant"] == "alignjax (JAX)" and rows[0]["seconds"] > 0
+
+
+def test_packing_benchmark_runs(tmp_path):
+    """benchmarks/packing.py works end to end on a few pairs; every variant sees every token."""
+    out = tmp_path / "packing"
+    args = ("--pairs", "24", "--reps", "1", "--width", "32", "--out", str(out))
+    proc = run_script("benchmarks/packing.py", *args)
+    assert "speed-up" in proc.stdout
+    results = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [r["variant"] for r in results] == ["padded (one length)", "bucketed + sorted", "packed"]
+    assert len({r["real_tokens"] for r in results}) == 1  # same examples in every layout

@@ -5,8 +5,11 @@ from alignjax.models.llama import (
     LlamaConfig,
     LlamaForCausalLM,
     ModelOutput,
+    attention,
     attention_mask_4d,
+    causal_attention,
     default_positions,
+    grouped_query_attention,
     rope_frequencies,
 )
 from alignjax.models.sampling import Generation, generate
@@ -18,7 +21,10 @@ __all__ = [
     "LlamaForCausalLM",
     "ModelOutput",
     "attention_mask_4d",
+    "attention",
+    "causal_attention",
     "default_positions",
+    "grouped_query_attention",
     "load_pretrained",
     "rope_frequencies",
     "save_pretrained",

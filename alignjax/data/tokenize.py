@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 
 import datasets
+import numpy as np
 
 from alignjax.data.formats import DataFormat, RowError, detect_format, normalize_row
 from alignjax.ops.masking import truncate_sequence
@@ -100,9 +102,7 @@ class TokenizedDataset(Sequence):
         return self.dataset._fingerprint
 
     @property
-    def lengths(self):
-        import numpy as np
-
+    def lengths(self) -> np.ndarray:
         return np.asarray(self.dataset["length"], dtype=np.int64)
 
 
@@ -224,8 +224,6 @@ def _map_row(row, index, *, tokenizer, fmt, config, skip):
 
 def _reason(problem: str) -> str:
     """A row-independent reason for the report (row numbers and lengths stripped)."""
-    import re
-
     return re.sub(r"\d+", "N", problem)
 
 

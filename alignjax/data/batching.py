@@ -60,6 +60,7 @@ class Batch:
     seq_row: np.ndarray | None = None
     seq_start: np.ndarray | None = None
     seq_length: np.ndarray | None = None
+    ref_logps: np.ndarray | None = None  # precomputed reference log-probs, [R, L] or [R]
 
     @property
     def packed(self) -> bool:

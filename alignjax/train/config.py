@@ -1,0 +1,306 @@
+"""Run configuration: frozen, typed dataclasses, loaded from Python or YAML, with dotted overrides.
+
+    cfg = load_config("run.yaml", overrides=["optim.learning_rate=1e-4", "loss.name=ipo"])
+
+A YAML file is a nested mapping of the dataclass fields; a Python file defines `config` (a
+`TrainConfig`) or a function `config()` returning one. Overrides are `dotted.path=value`,
+with the value parsed as YAML (`1e-4`, `true`, `[64, 128]`, `null`). Unknown keys, wrong types
+and bad values raise a ValueError that names the key and lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ModelConfig",
+    "DataConfig",
+    "LossConfig",
+    "OptimConfig",
+    "PeftConfig",
+    "ReferenceConfig",
+    "MeshConfig",
+    "CheckpointConfig",
+    "TrainConfig",
+    "from_dict",
+    "to_dict",
+    "load_config",
+    "apply_overrides",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The policy: a local HF checkpoint directory, or a fresh random model of `preset` size."""
+
+    path: str | None = None
+    preset: str = "tiny"
+    dtype: str | None = None  # compute dtype, e.g. "bfloat16"; None: the parameters' dtype
+    param_dtype: str = "float32"
+    remat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how it is batched (see `alignjax.data`)."""
+
+    train: str = "shipped:train"
+    eval: str | None = "shipped:test"
+    tokenizer: str = "shipped"
+    columns: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    max_length: int | None = 128
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    truncation_mode: str = "keep_start"
+    on_error: str = "raise"
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    buckets: tuple[int, ...] | None = None
+    sort_window: int = 1
+    packing: bool = False
+    pack_length: int = 512
+    pack_rows: int = 8
+    seed: int = 0
+    cache_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """A registered loss (`alignjax.losses.available()`) or a weighted combination."""
+
+    name: str = "sigmoid"
+    beta: float = 0.1
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    combine: tuple[tuple[str, float], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    learning_rate: float = 5e-4
+    schedule: str = "cosine"  # constant | linear | cosine, after linear warm-up
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+    grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+    method: str | None = None  # None | "lora" | "bone" | "adalora"
+    r: int = 8
+    alpha: float = 16.0
+    targets: str = r".*(q_proj|k_proj|v_proj|o_proj)"
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceConfig:
+    """`mode`: "frozen" (a separate copy of the initial policy), "adapters_disabled" (the
+    policy with its adapters off; needs PEFT), "precomputed" (a persisted cache of reference
+    log-probs), or "none" (reference-free losses). `sync_every` > 0 turns on TR-DPO's update
+    ref <- alpha * policy + (1 - alpha) * ref (frozen mode)."""
+
+    mode: str = "frozen"
+    path: str | None = None  # a different reference checkpoint (frozen / precomputed)
+    cache_dir: str | None = None
+    sync_every: int = 0
+    sync_alpha: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes (-1: all remaining devices) or the pmap data-parallel path."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    pmap: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 50
+    keep: int = 3
+    best_metric: str | None = None
+    best_mode: str = "min"
+    asynchronous: bool = True
+    adapters_only: bool = False
+    export_hf: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run. `task`: "sft", "paired" (DPO family, SPPO), or "unpaired" (KTO/BCO)."""
+
+    task: str = "paired"
+    steps: int = 100
+    seed: int = 0
+    out_dir: str = "runs/default"
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int | None = None
+    init_from: str | None = None  # a previous run's output (e.g. the SFT stage's export)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+    reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+
+# ------------------------------------------------------------------------------ conversion
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value, tp, key: str):
+    """Check / convert a plain value (from YAML or an override) to the annotated type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(f"`{key}`: {value!r} is not a valid {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(f"`{key}` must be a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is Any:
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"`{key}` must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ValueError(f"`{key}` must have {len(args)} entries, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    if origin in (Mapping, dict) or tp in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"`{key}` must be a mapping, got {value!r}")
+        if args:
+            return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"`{key}` must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"`{key}` must be an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"`{key}` must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"`{key}` must be a string, got {value!r}")
+    return value
+
+
+def from_dict(cls, values: Mapping, *, prefix: str = ""):
+    """Build the dataclass `cls` from a nested mapping, checking every key and type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown config key `{prefix}{unknown[0]}`; valid keys: {names}")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """The config as plain nested dicts / lists (YAML- and JSON-serialisable)."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, Mapping):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def apply_overrides(cfg, overrides: Sequence[str]):
+    """`["optim.learning_rate=1e-4", ...]` applied to a config (values parsed as YAML)."""
+    import yaml
+
+    values = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like `dotted.key=value`")
+        key, raw = item.split("=", 1)
+        node, parts = values, key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"override `{key}`: `{'.'.join(parts[: i + 1])}` is not a section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"override `{key}`: unknown key; valid keys here: {sorted(node)}")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return from_dict(type(cfg), values)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A TrainConfig from a .yaml/.yml or .py file (None: the defaults), then `overrides`."""
+    cfg = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, Mapping):
+                raise ValueError(f"{path}: the top level must be a mapping of config sections")
+            cfg = from_dict(TrainConfig, loaded)
+        elif path.suffix == ".py":
+            spec = importlib.util.spec_from_file_location("alignjax_user_config", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            found = getattr(module, "config", None)
+            cfg = found() if callable(found) else found
+            if not isinstance(cfg, TrainConfig):
+                raise ValueError(f"{path} must define `config`, a TrainConfig (or a function "
+                                 f"returning one); got {type(cfg).__name__}")  # fmt: skip
+        else:
+            raise ValueError(f"config file {str(path)!r}: expected .yaml, .yml or .py")
+    return apply_overrides(cfg, overrides) if overrides else cfg

@@ -1,0 +1,286 @@
+"""The train state and the jitted step: forward on `[chosen; rejected]`, fused log-probs, any
+registered loss, exact gradient accumulation, the optax update, a non-finite guard.
+
+    state = init_state(model, optimizer, wrt=nnx.Param, reference="frozen", seed=0)
+    step = build_step(StepSpec(task="paired", loss="sigmoid", loss_kwargs={"beta": 0.1}), optimizer)
+    state, metrics = step(state, batch)          # batch: data.Batch (or [A, ...] micro-batches)
+
+Exact accumulation. Every loss is sum_k w_k total_k / count_k, and the counts (examples, or
+completion tokens) depend on the masks only. The step first evaluates the loss on zero
+log-probs for every micro-batch to get the global counts C_k (no model forward), then
+accumulates the gradient of sum_k w_k total_k / C_k over the micro-batches in a `lax.scan`, so
+A micro-batches of B give the gradient of one batch of A x B, to float rounding. Under a mesh the
+batch arrays are global, so device reductions are exact as well.
+
+Reference, three ways (`reference` of `init_state` / `StepSpec`): "frozen" (a copy of the
+initial trainable state, no gradient), "adapters_disabled" (the policy with its adapters off:
+no parameter memory), "precomputed" (the batch carries `ref_logps`, e.g. from
+`reference.precompute`), or "none" (reference-free losses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from alignjax import losses as L
+from alignjax import ops
+from alignjax.peft import adapters_disabled
+
+__all__ = [
+    "TrainState",
+    "StepSpec",
+    "init_state",
+    "build_step",
+    "model_of",
+    "stack_microbatches",
+    "KL_LOSSES",
+]
+
+REFERENCES = ("frozen", "adapters_disabled", "precomputed", "none")
+TASKS = ("paired", "unpaired", "sft")
+KL_LOSSES = ("tdpo1", "tdpo2", "sparsepo")  # need per-token KL(ref || policy)
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a run needs to continue bit-identically.
+
+    Attributes:
+      graphdef: the model's NNX graph definition (static).
+      params: the trainable state (`wrt` filter: all `nnx.Param`, or adapters only).
+      rest: the rest of the model state (frozen base weights under PEFT, buffers).
+      opt_state: the optax state of `params`.
+      ref: the frozen reference's trainable state ("frozen" reference), else None.
+      step: int32 number of applied updates (skipped ones included).
+      rng: uint32 PRNG key data (dropout, sampling).
+      position: int32 `[2]` data position (epoch, next batch), written by the loop.
+      skipped: int32 number of updates skipped by the non-finite guard.
+    """
+
+    graphdef: Any = struct.field(pytree_node=False)
+    params: Any
+    rest: Any
+    opt_state: Any
+    ref: Any
+    step: jax.Array
+    rng: jax.Array
+    position: jax.Array
+    skipped: jax.Array
+
+
+def init_state(
+    model: nnx.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    wrt=nnx.Param,
+    reference: str = "frozen",
+    seed: int = 0,
+) -> TrainState:
+    """Split `model` into trainable / rest, initialise the optimizer and the reference."""
+    if reference not in REFERENCES:
+        raise ValueError(f"`reference` must be one of {REFERENCES}, got {reference!r}")
+    graphdef, params, rest = nnx.split(model, wrt, ...)
+    if not jax.tree.leaves(params):
+        raise ValueError(f"the model has no parameters matching `wrt`={wrt}")
+    ref = jax.tree.map(jnp.copy, params) if reference == "frozen" else None
+    return TrainState(
+        graphdef=graphdef,
+        params=params,
+        rest=rest,
+        opt_state=optimizer.init(params),
+        ref=ref,
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        position=jnp.zeros((2,), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def model_of(state: TrainState, params=None) -> nnx.Module:
+    """The model with `params` (default: the state's trainable params)."""
+    return nnx.merge(state.graphdef, state.params if params is None else params, state.rest)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What one step computes.
+
+    Attributes:
+      task: "paired" (rows `[chosen; rejected]`), "unpaired" (KTO/BCO rows, with KTO's
+        mismatched rows appended when `kto_kl`), or "sft" (NLL on every row's loss mask).
+      loss: a registered loss name or a loss function `(batch, **kw) -> LossOutput`.
+      loss_kwargs: its hyperparameters.
+      reference: see the module docstring; must match the state's.
+      kto_kl: unpaired batches carry `[matched; mismatched]` rows (`data.collate(kto_kl=True)`).
+    """
+
+    task: str = "paired"
+    loss: str | Callable = "sigmoid"
+    loss_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    reference: str = "frozen"
+    kto_kl: bool = False
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"`task` must be one of {TASKS}, got {self.task!r}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"`reference` must be one of {REFERENCES}, got {self.reference!r}")
+        if self.task == "sft" and self.reference != "none":
+            object.__setattr__(self, "reference", "none")
+        if self.needs_kl and self.reference == "precomputed":
+            raise ValueError(
+                f"{self.loss!r} needs the per-token KL(ref || policy), which needs the reference "
+                "logits in the step; use reference='frozen' or 'adapters_disabled'"
+            )
+
+    @property
+    def loss_fn(self) -> Callable:
+        if self.task == "sft":
+            return L.sft
+        return L.get(self.loss) if isinstance(self.loss, str) else self.loss
+
+    @property
+    def needs_kl(self) -> bool:
+        return isinstance(self.loss, str) and self.loss in KL_LOSSES
+
+
+def _hidden_and_head(model, batch):
+    out = model(**batch.model_inputs())
+    return out.last_hidden_state, model.unembed()
+
+
+def _reference_hidden(spec: StepSpec, state: TrainState, params, batch):
+    """Reference final hidden states and head, without gradient (None when not in the step)."""
+    if spec.reference == "frozen":
+        if state.ref is None:
+            raise ValueError("reference='frozen' needs a state built with reference='frozen'")
+        h, w = _hidden_and_head(model_of(state, state.ref), batch)
+    elif spec.reference == "adapters_disabled":
+        with adapters_disabled(model_of(state, params)) as base:
+            h, w = _hidden_and_head(base, batch)
+    else:
+        return None, None
+    return jax.lax.stop_gradient(h), jax.lax.stop_gradient(w)
+
+
+def _loss_batch(spec: StepSpec, batch, logps, mask, ref_logps, kl):
+    """The loss's input pytree from stacked per-token values."""
+    if spec.task == "sft":
+        return L.PreferenceBatch(logps, logps, mask, mask)
+    if spec.task == "unpaired":
+        n = batch.valid.shape[0]
+        kw = dict(logps=logps[:n], mask=mask[:n], labels=batch.label)
+        if ref_logps is not None:
+            kw["ref_logps"] = ref_logps[:n]
+        if spec.kto_kl:
+            kw.update(kl_logps=logps[n:], kl_mask=mask[n:])
+            if ref_logps is not None:
+                kw["ref_kl_logps"] = ref_logps[n:]
+        return L.UnpairedBatch(**kw)
+    fields = {
+        f: getattr(batch, f)
+        for f in ("chosen_win_prob", "rejected_win_prob", "win_prob")
+        if getattr(batch, f) is not None
+    }
+    if kl is not None:
+        fields["kl"] = kl
+    return L.PreferenceBatch.from_stacked(logps, mask, ref_logps, **fields)
+
+
+def _token_stats(spec: StepSpec, state: TrainState, params, batch):
+    """Policy (and reference) per-token log-probs / KL of a batch, one fused LM-head pass."""
+    model = model_of(state, params)
+    h, w = _hidden_and_head(model, batch)
+    rh, rw = _reference_hidden(spec, state, params, batch)
+    mask = batch.loss_mask
+    if rh is None:
+        logps = ops.fused_token_logps(h, w, batch.labels, mask)
+        ref = getattr(batch, "ref_logps", None) if spec.reference == "precomputed" else None
+        return logps, ref, None
+    stats = ops.fused_token_stats(
+        h, w, batch.labels, mask, ref_hidden=rh, ref_unembed=rw, ref_logps=True, kl=spec.needs_kl
+    )
+    return stats.logps, jax.lax.stop_gradient(stats.ref_logps), stats.kl
+
+
+def _counts(spec: StepSpec, batch) -> dict:
+    """Each loss term's count for this (micro-)batch: the loss on zero log-probs."""
+    z = jnp.zeros(batch.loss_mask.shape, jnp.float32)
+    ref = None if spec.reference == "none" else z
+    kl = z if spec.needs_kl else None
+    out = spec.loss_fn(_loss_batch(spec, batch, z, batch.loss_mask, ref, kl), **spec.loss_kwargs)
+    return {k: t.count for k, t in out.terms.items()}
+
+
+def build_step(
+    spec: StepSpec,
+    optimizer: optax.GradientTransformation,
+    *,
+    learning_rate: Callable[[jax.Array], jax.Array] | None = None,
+    donate: bool = True,
+) -> Callable:
+    """A jitted `step(state, batch) -> (state, metrics)`.
+
+    `batch` is a `data.Batch` of jax arrays, or one with a leading micro-batch axis `[A, ...]`
+    on every array (gradient accumulation; see `stack_microbatches`). Non-finite gradients skip
+    the update (parameters and optimizer state unchanged), count it in `state.skipped` and
+    report `skipped = 1`. `learning_rate(step)` is only reported.
+    """
+
+    def micro_loss(params, state, batch, counts):
+        logps, ref_logps, kl = _token_stats(spec, state, params, batch)
+        lb = _loss_batch(spec, batch, logps, batch.loss_mask, ref_logps, kl)
+        out = spec.loss_fn(lb, **spec.loss_kwargs)
+        total = sum(
+            t.weight * t.total / jnp.maximum(counts[k], 1e-30) for k, t in out.terms.items()
+        )
+        return total, out.metrics
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, batch):
+        stacked = batch.input_ids.ndim == 3
+        micro = batch if stacked else jax.tree.map(lambda x: x[None], batch)
+        counts = jax.vmap(lambda b: _counts(spec, b))(micro)
+        counts = {k: jnp.sum(v) for k, v in counts.items()}
+
+        def body(acc, b):
+            grads, loss = acc
+            (value, metrics), g = grad_fn(state.params, state, b, counts)
+            return (jax.tree.map(jnp.add, grads, g), loss + value), metrics
+
+        zero = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, loss), metrics = jax.lax.scan(body, (zero, jnp.zeros((), jnp.float32)), micro)
+        metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(grad_norm)
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = state.replace(
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            step=state.step + 1,
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        metrics = dict(metrics)
+        metrics["loss"] = loss
+        metrics["grad_norm"] = grad_norm
+        metrics["skipped"] = (~finite).astype(jnp.float32)
+        metrics["num_tokens"] = jnp.sum(micro.loss_mask).astype(jnp.float32)
+        if learning_rate is not None:
+            metrics["learning_rate"] = learning_rate(state.step)
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def stack_microbatches(batches) -> Any:
+    """A list of equally shaped batches -> one batch with a leading micro-batch axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)

@@ -29,6 +29,8 @@ INSTALL_REQUIRES = [
     "jinja2>=3.1,<4",
     "safetensors>=0.5,<1",
     "tqdm>=4.66,<5",
+    "tensorboardX>=2.6,<3",
+    "pyyaml>=6.0,<7",
     "numpy>=1.26,<3",
 ]
 

@@ -18,7 +18,7 @@ CFG = models.LlamaConfig(
     vocab_size=512,
     hidden_size=32,
     intermediate_size=64,
-    num_hidden_layers=2,
+    num_hidden_layers=1,  # compile time dominates these tests
     num_attention_heads=4,
     num_key_value_heads=2,
 )
@@ -150,3 +150,48 @@ def test_dpo_with_lora_learns_the_preference(batches):
         first = first if first is not None else float(metrics["loss"])
     assert float(metrics["loss"]) < first - 0.05 and float(metrics["rewards/accuracies"]) > 0.5
     assert int(state.step) == 8 and int(state.skipped) == 0
+
+
+def test_precomputed_reference_is_cached_and_equals_the_frozen_one(batches, tmp_path):
+    from alignjax.train import reference
+
+    tok = data.shipped_tokenizer()
+    raw = data.shipped_dataset("train").select(range(16))
+    tokenized = data.tokenize_dataset(raw, tok, config=data.TokenizeConfig(max_length=64))
+    model = models.LlamaForCausalLM(CFG, rngs=nnx.Rngs(0))
+    cache = reference.precompute(model, tokenized, cache_dir=tmp_path, batch_size=8, length=64)
+    assert not cache.loaded and cache.path.is_file()
+    again = reference.precompute(model, tokenized, cache_dir=tmp_path, batch_size=8, length=64)
+    assert again.loaded and again.key == cache.key  # a rerun reuses the file
+    np.testing.assert_array_equal(again.values, cache.values)
+    other = data.tokenize_dataset(
+        raw.select(range(15)), tok, config=data.TokenizeConfig(max_length=64)
+    )
+    assert reference.cache_key(other, "w") != reference.cache_key(tokenized, "w")  # data changed
+    changed = models.LlamaForCausalLM(CFG, rngs=nnx.Rngs(1))
+    assert reference.precompute(changed, tokenized, cache_dir=tmp_path).key != cache.key
+
+    opt = optax.sgd(0.1)
+    state = S.init_state(model, opt, reference="frozen")
+    frozen = S.build_step(S.StepSpec(reference="frozen"), opt, donate=False)
+    pre = S.build_step(S.StepSpec(reference="precomputed"), opt, donate=False)
+    b = batches[0]
+    _, m1 = frozen(state, b)
+    _, m2 = pre(state, jax.tree.map(jnp.asarray, cache.attach(jax.tree.map(np.asarray, b))))
+    for k in ("loss", "rewards/chosen", "rewards/margins", "grad_norm"):
+        np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, atol=1e-6)
+
+
+def test_tr_dpo_reference_sync(batches):
+    """TRL's SyncRefModelCallback rule: after update k with k % 2 == 0, ref <- 0.6 pi + 0.4 ref."""
+    opt = optax.sgd(0.5)
+    state = S.init_state(models.LlamaForCausalLM(CFG, rngs=nnx.Rngs(0)), opt, reference="frozen")
+    step = S.build_step(S.StepSpec(sync_every=2, sync_alpha=0.6), opt, donate=False)
+    s1, _ = step(state, batches[0])
+    for a, b in zip(jax.tree.leaves(s1.ref), jax.tree.leaves(state.ref)):
+        np.testing.assert_array_equal(a, b)  # not yet
+    s2, _ = step(s1, batches[1])
+    for r, p, r0 in zip(*map(jax.tree.leaves, (s2.ref, s2.params, state.ref))):
+        np.testing.assert_allclose(r, 0.6 * p + 0.4 * r0, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="needs reference='frozen'"):
+        S.StepSpec(sync_every=2, reference="adapters_disabled")

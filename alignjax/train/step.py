@@ -118,6 +118,10 @@ class StepSpec:
       loss_kwargs: its hyperparameters.
       reference: see the module docstring; must match the state's.
       kto_kl: unpaired batches carry `[matched; mismatched]` rows (`data.collate(kto_kl=True)`).
+      sync_every, sync_alpha: TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656) with the
+        "frozen" reference: after every `sync_every`-th update, ref <- alpha * policy +
+        (1 - alpha) * ref (TRL's `ref_model_mixup_alpha`, default 0.6; alpha = 1 is the hard
+        update). 0 disables it.
     """
 
     task: str = "paired"
@@ -125,6 +129,8 @@ class StepSpec:
     loss_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     reference: str = "frozen"
     kto_kl: bool = False
+    sync_every: int = 0
+    sync_alpha: float = 0.6
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -133,6 +139,10 @@ class StepSpec:
             raise ValueError(f"`reference` must be one of {REFERENCES}, got {self.reference!r}")
         if self.task == "sft" and self.reference != "none":
             object.__setattr__(self, "reference", "none")
+        if self.sync_every and self.reference != "frozen":
+            raise ValueError("TR-DPO's reference sync (`sync_every`) needs reference='frozen'")
+        if not 0.0 < self.sync_alpha <= 1.0:
+            raise ValueError(f"`sync_alpha` must be in (0, 1], got {self.sync_alpha}")
         if self.needs_kl and self.reference == "precomputed":
             raise ValueError(
                 f"{self.loss!r} needs the per-token KL(ref || policy), which needs the reference "
@@ -262,13 +272,17 @@ def build_step(
         finite = jnp.isfinite(grad_norm)
         updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = state.replace(
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt, state.opt_state),
+            params=keep_if(finite, new_params, state.params),
+            opt_state=keep_if(finite, new_opt, state.opt_state),
             step=state.step + 1,
             skipped=state.skipped + (~finite).astype(jnp.int32),
         )
+        if spec.sync_every:
+            sync = (new_state.step % spec.sync_every) == 0
+            a = spec.sync_alpha
+            mixed = jax.tree.map(lambda p, r: a * p + (1 - a) * r, new_state.params, state.ref)
+            new_state = new_state.replace(ref=keep_if(sync, mixed, state.ref))
         metrics = dict(metrics)
         metrics["loss"] = loss
         metrics["grad_norm"] = grad_norm
@@ -279,6 +293,10 @@ def build_step(
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def keep_if(cond, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
 
 
 def stack_microbatches(batches) -> Any:

@@ -8,4 +8,5 @@
 - `sharding`: the ("data", "fsdp", "tensor") mesh, partition rules, batch sharding, pmap.
 - `checkpoint`: orbax checkpoints (every N, latest + best K, SIGKILL-safe, bitwise restore).
 - `metrics`: JSONL + TensorBoard metrics, a tqdm progress bar with tokens/s.
+- `loop`: `run` (data position, metrics, checkpoints) and `resume` (bitwise continuation).
 """

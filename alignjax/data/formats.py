@@ -148,7 +148,8 @@ def _check_text(row: int, field: str, value, conversational: bool, *, prompt: bo
         raise RowError(row, field, "empty text")
 
 
-def _common_prefix(a, b) -> int:
+def common_prefix_length(a, b) -> int:
+    """Number of leading items (characters, messages or token ids) `a` and `b` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -161,7 +162,7 @@ def split_implicit_prompt(row: int, chosen, rejected) -> tuple:
     """(prompt, chosen, rejected) from two full sequences sharing a prompt (TRL's rule: the
     longest common prefix; for text a space right before the split point goes to the
     completions)."""
-    n = _common_prefix(chosen, rejected)
+    n = common_prefix_length(chosen, rejected)
     if isinstance(chosen, str) and 0 < n and chosen[n - 1] == " ":
         n -= 1
     prompt, c, r = chosen[:n], chosen[n:], rejected[n:]

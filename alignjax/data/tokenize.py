@@ -30,7 +30,13 @@ from collections.abc import Mapping, Sequence
 import datasets
 import numpy as np
 
-from alignjax.data.formats import DataFormat, RowError, detect_format, normalize_row
+from alignjax.data.formats import (
+    DataFormat,
+    RowError,
+    common_prefix_length,
+    detect_format,
+    normalize_row,
+)
 from alignjax.ops.masking import truncate_sequence
 
 __all__ = ["TokenizeConfig", "DataReport", "TokenizedDataset", "encode_row", "tokenize_dataset"]
@@ -112,15 +118,6 @@ def _ids(encoded) -> list[int]:
     return [int(t) for t in encoded]
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _encode_sides(tokenizer, prompt, completions: dict, conversational: bool, add_eos: bool):
     """(prompt_ids, {side: full ids}) with the prompt/completion boundary shared by all sides."""
     if conversational:
@@ -139,7 +136,7 @@ def _encode_sides(tokenizer, prompt, completions: dict, conversational: bool, ad
             completions = {s: c if c.endswith(eos) else c + eos for s, c in completions.items()}
         prompt_ids = _ids(tokenizer(prompt))
         full = {side: _ids(tokenizer(prompt + comp)) for side, comp in completions.items()}
-    n = min(_common_prefix(prompt_ids, ids) for ids in full.values())
+    n = min(common_prefix_length(prompt_ids, ids) for ids in full.values())
     return prompt_ids[:n], full
 
 

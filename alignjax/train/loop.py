@@ -74,7 +74,8 @@ def run(
         state, metrics = step_fn(state, to_device(batch))
         done += 1
         state = state.replace(position=jnp.asarray([epoch, k + 1], jnp.int32))
-        pending.append(metrics)
+        if writer is not None:
+            pending.append(metrics)
         if progress is not None:
             progress.update(tokens=int(np.asarray(batch.loss_mask).sum()))
         if writer is not None and (done % log_every == 0 or done == steps):
@@ -85,8 +86,6 @@ def run(
             avg["tokens_per_s"] = sum(p["num_tokens"] for p in host) / elapsed
             writer.write(done, avg, prefix="train/")
             pending, t0 = [], time.perf_counter()
-        elif writer is None and len(pending) >= log_every:
-            pending = []
         if checkpointer is not None:
             meta = {"step": done, "epoch": epoch, "next_batch": k + 1}
             checkpointer.save(done, state, metadata=meta, force=done == steps)

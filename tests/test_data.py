@@ -77,7 +77,7 @@ def test_detect_every_format():
         ), row  # fmt: skip
         assert data.normalize_row(row, 0, fmt)  # every case is a valid row
     with pytest.raises(ValueError, match="cannot tell"):
-        data.detect_format(["text"], {"text": "x"})
+        data.detect_format(["body"], {"body": "x"})
     with pytest.raises(ValueError, match="not a column"):
         data.detect_format(["a"], {"a": "x"}, {"prompt": "q"})
 

@@ -7,11 +7,14 @@ A row is normalised to canonical fields, whatever the source columns:
 | `paired`   | prompt, chosen, rejected                                                |
 | `sppo`     | prompt, chosen, rejected + chosen_win_prob, rejected_win_prob and/or win_prob |
 | `unpaired` | prompt, completion, label (bool: desirable)                             |
+| `language_modeling` | text (or `messages`, conversational): SFT on every token          |
+| `prompt_completion` | prompt, completion: SFT on the completion tokens only             |
 
 Each text field is a string (standard) or a list of `{"role", "content"}` messages
 (conversational, as TRL). `implicit_prompt` datasets have no prompt column: the prompt is the
 longest common prefix of chosen and rejected (characters, or whole messages), as TRL's
-`extract_prompt`. `columns` maps canonical names to the dataset's own (`{"prompt": "question"}`).
+`extract_prompt`. The two SFT kinds are TRL's "language modeling" and "prompt-completion"
+dataset types. `columns` maps canonical names to the dataset's own (`{"prompt": "question"}`).
 
 Every problem raises `RowError` (a ValueError) naming the row index and the field.
 """
@@ -22,7 +25,8 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
-KINDS = ("paired", "sppo", "unpaired")
+KINDS = ("paired", "sppo", "unpaired", "language_modeling", "prompt_completion")
+SFT_KINDS = ("language_modeling", "prompt_completion")
 WIN_FIELDS = ("chosen_win_prob", "rejected_win_prob", "win_prob")
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -40,7 +44,8 @@ class DataFormat:
     """How to read a dataset's rows.
 
     Attributes:
-      kind: "paired", "sppo" or "unpaired".
+      kind: "paired", "sppo", "unpaired", or the SFT kinds "language_modeling" (a `text`
+        column, or `messages` when conversational) and "prompt_completion".
       conversational: text fields are lists of messages (chat template applied when tokenizing).
       implicit_prompt: no prompt column; the prompt is the common prefix of chosen and rejected.
       columns: canonical field -> source column, for the fields that are renamed.
@@ -57,8 +62,10 @@ class DataFormat:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"`kind` must be one of {KINDS}, got {self.kind!r}")
-        if self.implicit_prompt and self.kind == "unpaired":
-            raise ValueError("`implicit_prompt` needs chosen and rejected; unpaired rows have one")
+        if self.implicit_prompt and self.kind not in ("paired", "sppo"):
+            raise ValueError(
+                f"`implicit_prompt` needs chosen and rejected; {self.kind} rows have neither"
+            )
         if isinstance(self.columns, Mapping):
             object.__setattr__(self, "columns", tuple(sorted(self.columns.items())))
         if self.kind == "sppo":
@@ -75,6 +82,10 @@ class DataFormat:
         """Canonical fields a row must have (win probabilities are checked separately)."""
         if self.kind == "unpaired":
             return ("prompt", "completion", "label")
+        if self.kind == "prompt_completion":
+            return ("prompt", "completion")
+        if self.kind == "language_modeling":
+            return ("messages",) if self.conversational else ("text",)
         return ("chosen", "rejected") if self.implicit_prompt else ("prompt", "chosen", "rejected")
 
     def source(self, field: str) -> str:
@@ -97,23 +108,31 @@ def detect_format(
                 f"`columns` maps {field!r} to {col!r}, which is not a column; the dataset has "
                 f"{sorted(available)}"
             )
-    present = {f for f in ("prompt", "chosen", "rejected", "completion", "label", *WIN_FIELDS)}
-    present = {f for f in present if columns.get(f, f) in available}
+    names = ("prompt", "chosen", "rejected", "completion", "label", "text", "messages")
+    present = {f for f in (*names, *WIN_FIELDS) if columns.get(f, f) in available}
     if {"completion", "label"} <= present:
-        kind, implicit = "unpaired", False
+        kind, implicit, key = "unpaired", False, "completion"
     elif {"chosen", "rejected"} <= present:
         kind = "sppo" if present & set(WIN_FIELDS) else "paired"
-        implicit = "prompt" not in present
+        implicit, key = "prompt" not in present, "chosen"
+    elif {"prompt", "completion"} <= present:
+        kind, implicit, key = "prompt_completion", False, "completion"
+    elif "messages" in present:
+        kind, implicit, key = "language_modeling", False, "messages"
+    elif "text" in present:
+        kind, implicit, key = "language_modeling", False, "text"
     else:
         raise ValueError(
             "cannot tell the dataset's format from its columns "
             f"{sorted(available)}: expected prompt/chosen/rejected (paired), chosen/rejected "
-            "(implicit prompt), prompt/completion/label (unpaired) or paired columns with "
-            "chosen_win_prob/rejected_win_prob/win_prob (SPPO); map other names with `columns`"
+            "(implicit prompt), prompt/completion/label (unpaired), paired columns with "
+            "chosen_win_prob/rejected_win_prob/win_prob (SPPO), or for SFT text / messages "
+            "(language modeling) or prompt/completion; map other names with `columns`"
         )
-    key = columns.get("completion" if kind == "unpaired" else "chosen")
-    key = key or ("completion" if kind == "unpaired" else "chosen")
-    conversational = _is_messages(first_row.get(key))
+    if kind == "language_modeling":  # `messages` rows are validated as messages, row by row
+        conversational = key == "messages"
+    else:
+        conversational = _is_messages(first_row.get(columns.get(key, key)))
     wins = tuple(f for f in WIN_FIELDS if f in present) if kind == "sppo" else ()
     return DataFormat(kind, conversational, implicit, tuple(sorted(columns.items())), wins)
 
@@ -200,9 +219,15 @@ def normalize_row(row: Mapping, index: int, fmt: DataFormat) -> dict:
             what = field if col == field else f"{field} (column {col!r})"
             raise RowError(index, field, f"missing {what}")
         out[field] = row[col]
-    if fmt.kind == "unpaired":
+    if fmt.kind == "language_modeling":
+        field = fmt.fields()[0]
+        _check_text(index, field, out[field], fmt.conversational, prompt=True)
+        return out
+    if fmt.kind in ("unpaired", "prompt_completion"):
         _check_text(index, "prompt", out["prompt"], fmt.conversational, prompt=True)
         _check_text(index, "completion", out["completion"], fmt.conversational)
+        if fmt.kind == "prompt_completion":
+            return out
         label = out["label"]
         if isinstance(label, bool) or (isinstance(label, int) and label in (0, 1)):
             out["label"] = bool(label)

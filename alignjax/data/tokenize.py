@@ -13,7 +13,12 @@ Output columns per paired row: `chosen_input_ids`, `chosen_prompt_length`, `reje
 `rejected_prompt_length` (prompt + completion ids; the prompt is the first `*_prompt_length`
 ids; under keep_end the two sides may keep different prompt tails), `length` (the longer side),
 `row` (index in the source dataset) and the SPPO win probabilities; unpaired rows:
-`input_ids`, `prompt_length`, `label`, `length`, `row`.
+`input_ids`, `prompt_length`, `label`, `length`, `row`; SFT rows the same without `label`.
+
+SFT rows follow TRL's SFTTrainer: "language_modeling" rows are the whole text (EOS appended,
+as TRL) or the chat-templated `messages`, with `prompt_length` 0, so every token after the
+first is trained on (`max_length` keeps the start or the end); "prompt_completion" rows are
+tokenized like an unpaired row and train on the completion only (TRL's `completion_only_loss`).
 
 With `on_error="skip"` bad rows are removed and counted by field and reason in a `DataReport`;
 with "raise" (the default) the first bad row raises `RowError` naming the row and the field.
@@ -42,6 +47,7 @@ from alignjax.ops.masking import truncate_sequence
 __all__ = ["TokenizeConfig", "DataReport", "TokenizedDataset", "encode_row", "tokenize_dataset"]
 
 ON_ERROR = ("raise", "skip")
+SINGLE_KINDS = ("unpaired", "language_modeling", "prompt_completion")  # one sequence per row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +146,32 @@ def _encode_sides(tokenizer, prompt, completions: dict, conversational: bool, ad
     return prompt_ids[:n], full
 
 
+def _encode_text(tokenizer, record: Mapping, fmt: DataFormat, config: TokenizeConfig, index: int):
+    """A language-modeling row: all tokens, prompt_length 0, truncated to max_length."""
+    if fmt.conversational:
+        ids = _ids(tokenizer.apply_chat_template(record["messages"], tokenize=True))
+        field = "messages"
+    else:
+        text, eos, field = record["text"], tokenizer.eos_token, "text"
+        if config.add_eos and eos is None:
+            raise ValueError("the tokenizer has no eos_token; pass TokenizeConfig(add_eos=False)")
+        if config.add_eos and not text.endswith(eos):
+            text = text + eos
+        ids = _ids(tokenizer(text))
+    if len(ids) < 2:
+        raise RowError(index, field, f"tokenizes to {len(ids)} token(s); SFT needs at least 2")
+    n = config.max_length
+    if n is not None and len(ids) > n:
+        ids = ids[:n] if config.truncation_mode == "keep_start" else ids[-n:]
+    return {"row": index, "input_ids": ids, "prompt_length": 0, "length": len(ids)}
+
+
 def encode_row(tokenizer, record: Mapping, fmt: DataFormat, config: TokenizeConfig, index: int):
     """Tokenize and truncate one normalised record (see `formats.normalize_row`)."""
-    sides = ("completion",) if fmt.kind == "unpaired" else ("chosen", "rejected")
+    if fmt.kind == "language_modeling":
+        return _encode_text(tokenizer, record, fmt, config, index)
+    single = fmt.kind in ("unpaired", "prompt_completion")
+    sides = ("completion",) if single else ("chosen", "rejected")
     prompt_ids, full = _encode_sides(
         tokenizer,
         record["prompt"],
@@ -171,8 +200,9 @@ def encode_row(tokenizer, record: Mapping, fmt: DataFormat, config: TokenizeConf
         prefix = "" if side == "completion" else f"{side}_"
         out[f"{prefix}input_ids"] = p + c
         out[f"{prefix}prompt_length"] = len(p)
-    if fmt.kind == "unpaired":
-        out["label"] = record["label"]
+    if single:
+        if fmt.kind == "unpaired":
+            out["label"] = record["label"]
         out["length"] = len(out["input_ids"])
     else:
         out["length"] = max(len(out["chosen_input_ids"]), len(out["rejected_input_ids"]))
@@ -184,8 +214,10 @@ def encode_row(tokenizer, record: Mapping, fmt: DataFormat, config: TokenizeConf
 def _features(fmt: DataFormat) -> datasets.Features:
     ids = datasets.Sequence(datasets.Value("int32"))
     f = {"row": datasets.Value("int64"), "length": datasets.Value("int32")}
-    if fmt.kind == "unpaired":
-        f.update(input_ids=ids, prompt_length=datasets.Value("int32"), label=datasets.Value("bool"))
+    if fmt.kind in SINGLE_KINDS:
+        f.update(input_ids=ids, prompt_length=datasets.Value("int32"))
+        if fmt.kind == "unpaired":
+            f["label"] = datasets.Value("bool")
     else:
         for side in ("chosen", "rejected"):
             f[f"{side}_input_ids"] = ids
@@ -199,8 +231,10 @@ def _features(fmt: DataFormat) -> datasets.Features:
 
 def _blank(fmt: DataFormat, index: int, err: RowError) -> dict:
     out = {"row": index, "length": 0, "error_field": err.field, "error": err.problem}
-    if fmt.kind == "unpaired":
-        out.update(input_ids=[], prompt_length=0, label=False)
+    if fmt.kind in SINGLE_KINDS:
+        out.update(input_ids=[], prompt_length=0)
+        if fmt.kind == "unpaired":
+            out["label"] = False
     else:
         out.update(chosen_input_ids=[], chosen_prompt_length=0)
         out.update(rejected_input_ids=[], rejected_prompt_length=0)

@@ -1,7 +1,7 @@
 """Install metadata for alignjax.
 
 Ranges are the ones tested (see .ci/constraints.txt for the exact pins CI installs). Extras:
-  [dev]  tests, notebook execution, plots, lint
+  [dev]  tests, notebook execution, lint
   [ref]  fixture generation only: torch (CPU wheel, exact pin; a bare `torch` pulls a CUDA build)
          plus the reference packages. Never needed to run or test alignjax.
 """
@@ -31,6 +31,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66,<5",
     "tensorboardX>=2.6,<3",
     "pyyaml>=6.0,<7",
+    "matplotlib>=3.8,<4",  # training curves (curves.png)
     "numpy>=1.26,<3",
 ]
 
@@ -41,7 +42,6 @@ EXTRAS = {
         "nbclient>=0.10,<0.12",
         "nbformat>=5.10,<6",
         "ipykernel>=6.29,<8",
-        "matplotlib>=3.8,<4",
         "ruff>=0.6,<0.18",
     ],
     "ref": [
@@ -65,7 +65,7 @@ setup(
     extras_require=EXTRAS,
     # The shipped synthetic data and tokenizer (alignjax/data/synthetic.py writes them).
     package_data={"alignjax.data": ["assets/reviews/*.jsonl", "assets/tokenizer/*.json"]},
-    entry_points={},
+    entry_points={"console_scripts": ["alignjax = alignjax.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: 3.11",

@@ -119,8 +119,13 @@ class ReferenceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes (-1: all remaining devices) or the pmap data-parallel path."""
+    """Device mesh sizes (-1: all remaining devices) or the pmap data-parallel path.
 
+    `devices`: how many of the (global) devices to use, -1 for all. A multi-process run gets its
+    coordinator address, process count and id from here or from the environment (see
+    `alignjax.train.distributed`)."""
+
+    devices: int = -1
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
@@ -143,7 +148,10 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One training run. `task`: "sft", "paired" (DPO family, SPPO), or "unpaired" (KTO/BCO)."""
+    """One training run. `task`: "sft", "paired" (DPO family, SPPO), or "unpaired" (KTO/BCO).
+
+    `init_from`: a previous run's output directory (its `export/merged` model) or an HF model
+    directory; it replaces `model.path` / `model.preset`."""
 
     task: str = "paired"
     steps: int = 100
@@ -152,6 +160,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int | None = None
+    eval_samples: int = 4  # held-out prompts completed (greedy) at the end, in samples.jsonl
+    sample_tokens: int = 32
+    plot: bool = True  # curves.png from metrics.jsonl at the end
     init_from: str | None = None  # a previous run's output (e.g. the SFT stage's export)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

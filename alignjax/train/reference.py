@@ -32,10 +32,13 @@ FORMAT = "alignjax-ref-logps-v1"
 
 
 def weights_fingerprint(state) -> str:
-    """SHA-256 over every leaf's path, dtype, shape and bytes (order-independent of insertion)."""
+    """SHA-256 over every leaf's path, dtype, shape and bytes (order-independent of insertion).
+    PRNG key leaves (e.g. the dropout streams of adapter layers) are not weights: skipped."""
     h = hashlib.sha256()
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+            continue
         arr = np.asarray(leaf)
         h.update(jax.tree_util.keystr(path).encode())
         h.update(f"{arr.dtype}{arr.shape}".encode())

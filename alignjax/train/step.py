@@ -31,6 +31,7 @@ from flax import nnx, struct
 
 from alignjax import losses as L
 from alignjax import ops
+from alignjax.data.batching import unpack
 from alignjax.peft import adapters_disabled
 
 __all__ = [
@@ -118,6 +119,11 @@ class StepSpec:
       loss_kwargs: its hyperparameters.
       reference: see the module docstring; must match the state's.
       kto_kl: unpaired batches carry `[matched; mismatched]` rows (`data.collate(kto_kl=True)`).
+      row_blocks: the batch's rows are this many consecutive blocks, each laid out like a
+        whole batch (`[chosen; rejected]` of its own examples): a multi-process run's global
+        batch, where each process contributes its own block (`jax.process_count()`). Per-token
+        results are put back in the loss's layout (all chosen rows, then all rejected rows)
+        after the model, which is row-independent.
       sync_every, sync_alpha: TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656) with the
         "frozen" reference: after every `sync_every`-th update, ref <- alpha * policy +
         (1 - alpha) * ref (TRL's `ref_model_mixup_alpha`, default 0.6; alpha = 1 is the hard
@@ -131,8 +137,11 @@ class StepSpec:
     kto_kl: bool = False
     sync_every: int = 0
     sync_alpha: float = 0.6
+    row_blocks: int = 1
 
     def __post_init__(self):
+        if not isinstance(self.row_blocks, int) or self.row_blocks < 1:
+            raise ValueError(f"`row_blocks` must be a positive int, got {self.row_blocks!r}")
         if self.task not in TASKS:
             raise ValueError(f"`task` must be one of {TASKS}, got {self.task!r}")
         if self.reference not in REFERENCES:
@@ -203,8 +212,36 @@ def _loss_batch(spec: StepSpec, batch, logps, mask, ref_logps, kl):
     return L.PreferenceBatch.from_stacked(logps, mask, ref_logps, **fields)
 
 
+def to_sequences(spec: StepSpec, batch, values):
+    """Per-token `[R, L]` arrays of a batch's rows -> the loss layout `[Q, L']`: packed rows
+    unpacked to one row per sequence (`data.unpack`), and `row_blocks` blocks of
+    `[side 0; side 1]` rows reordered to `[all side 0; all side 1]`. None entries pass."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return values
+    if batch.seq_row is not None:
+        length = present[0].shape[1]
+        values = [None if v is None else unpack(v, batch, length) for v in values]
+    blocks, examples = spec.row_blocks, batch.valid.shape[0]
+    rows = next(v for v in values if v is not None).shape[0]
+    sides = rows // examples
+    if blocks > 1 and sides > 1:
+        if examples % blocks:
+            raise ValueError(f"{examples} examples do not split into row_blocks={blocks}")
+
+        def reorder(v):
+            if v is None or v.ndim == 0 or v.shape[0] != rows:
+                return v
+            shaped = v.reshape(blocks, sides, examples // blocks, *v.shape[1:])
+            return jnp.swapaxes(shaped, 0, 1).reshape(v.shape)
+
+        values = [reorder(v) for v in values]
+    return values
+
+
 def _token_stats(spec: StepSpec, state: TrainState, params, batch):
-    """Policy (and reference) per-token log-probs / KL of a batch, one fused LM-head pass."""
+    """Policy (and reference) per-token log-probs / KL of a batch, one fused LM-head pass, and
+    the loss mask, all in the loss layout (`to_sequences`)."""
     model = model_of(state, params)
     h, w = _hidden_and_head(model, batch)
     rh, rw = _reference_hidden(spec, state, params, batch)
@@ -212,19 +249,23 @@ def _token_stats(spec: StepSpec, state: TrainState, params, batch):
     if rh is None:
         logps = ops.fused_token_logps(h, w, batch.labels, mask)
         ref = getattr(batch, "ref_logps", None) if spec.reference == "precomputed" else None
-        return logps, ref, None
+        if ref is not None and ref.ndim != 2:
+            ref = None if batch.seq_row is not None else ref  # sequence-level: no reordering
+        return to_sequences(spec, batch, [logps, ref, None, mask])
     stats = ops.fused_token_stats(
         h, w, batch.labels, mask, ref_hidden=rh, ref_unembed=rw, ref_logps=True, kl=spec.needs_kl
     )
-    return stats.logps, jax.lax.stop_gradient(stats.ref_logps), stats.kl
+    ref = jax.lax.stop_gradient(stats.ref_logps)
+    return to_sequences(spec, batch, [stats.logps, ref, stats.kl, mask])
 
 
 def _counts(spec: StepSpec, batch) -> dict:
     """Each loss term's count for this (micro-)batch: the loss on zero log-probs."""
-    z = jnp.zeros(batch.loss_mask.shape, jnp.float32)
+    (mask,) = to_sequences(spec, batch, [batch.loss_mask])
+    z = jnp.zeros(mask.shape, jnp.float32)
     ref = None if spec.reference == "none" else z
     kl = z if spec.needs_kl else None
-    out = spec.loss_fn(_loss_batch(spec, batch, z, batch.loss_mask, ref, kl), **spec.loss_kwargs)
+    out = spec.loss_fn(_loss_batch(spec, batch, z, mask, ref, kl), **spec.loss_kwargs)
     return {k: t.count for k, t in out.terms.items()}
 
 
@@ -234,6 +275,8 @@ def build_step(
     *,
     learning_rate: Callable[[jax.Array], jax.Array] | None = None,
     donate: bool = True,
+    out_shardings: Any = None,
+    axis_name: str | None = None,
 ) -> Callable:
     """A jitted `step(state, batch) -> (state, metrics)`.
 
@@ -241,11 +284,21 @@ def build_step(
     on every array (gradient accumulation; see `stack_microbatches`). Non-finite gradients skip
     the update (parameters and optimizer state unchanged), count it in `state.skipped` and
     report `skipped = 1`. `learning_rate(step)` is only reported.
+
+    Parallelism:
+      out_shardings: under a mesh, `(state shardings, metrics sharding)` (see
+        `sharding.state_shardings`), so the new state keeps the layout of the old one and the
+        donated buffers are reused; inputs take the shardings they carry (`shard_state`,
+        `shard_batch`).
+      axis_name: the pmap path: returns `jax.pmap(step, axis_name)` over a replicated state
+        (`sharding.replicate`) and a split batch (`sharding.split_for_pmap`); loss term counts,
+        gradients and token counts are summed over the axis, so the update is the one of the
+        whole global batch, exactly as under a mesh.
     """
 
     def micro_loss(params, state, batch, counts):
-        logps, ref_logps, kl = _token_stats(spec, state, params, batch)
-        lb = _loss_batch(spec, batch, logps, batch.loss_mask, ref_logps, kl)
+        logps, ref_logps, kl, mask = _token_stats(spec, state, params, batch)
+        lb = _loss_batch(spec, batch, logps, mask, ref_logps, kl)
         out = spec.loss_fn(lb, **spec.loss_kwargs)
         total = sum(
             t.weight * t.total / jnp.maximum(counts[k], 1e-30) for k, t in out.terms.items()
@@ -259,6 +312,8 @@ def build_step(
         micro = batch if stacked else jax.tree.map(lambda x: x[None], batch)
         counts = jax.vmap(lambda b: _counts(spec, b))(micro)
         counts = {k: jnp.sum(v) for k, v in counts.items()}
+        if axis_name is not None:
+            counts = jax.lax.psum(counts, axis_name)
 
         def body(acc, b):
             grads, loss = acc
@@ -268,6 +323,10 @@ def build_step(
         zero = jax.tree.map(jnp.zeros_like, state.params)
         (grads, loss), metrics = jax.lax.scan(body, (zero, jnp.zeros((), jnp.float32)), micro)
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+        num_tokens = jnp.sum(micro.loss_mask).astype(jnp.float32)
+        if axis_name is not None:
+            grads, loss, num_tokens = jax.lax.psum((grads, loss, num_tokens), axis_name)
+            metrics = jax.lax.pmean(metrics, axis_name)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(grad_norm)
         updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
@@ -287,12 +346,20 @@ def build_step(
         metrics["loss"] = loss
         metrics["grad_norm"] = grad_norm
         metrics["skipped"] = (~finite).astype(jnp.float32)
-        metrics["num_tokens"] = jnp.sum(micro.loss_mask).astype(jnp.float32)
+        metrics["num_tokens"] = num_tokens
         if learning_rate is not None:
             metrics["learning_rate"] = learning_rate(state.step)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    donate_argnums = (0,) if donate else ()
+    if axis_name is not None:
+        if out_shardings is not None:
+            raise ValueError("`out_shardings` is for the mesh path, not pmap (`axis_name`)")
+        fn = jax.pmap(step, axis_name=axis_name, donate_argnums=donate_argnums)
+    else:
+        kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+        fn = jax.jit(step, donate_argnums=donate_argnums, **kw)
+    return fn
 
 
 def keep_if(cond, new, old):

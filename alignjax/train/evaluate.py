@@ -36,6 +36,7 @@ import numpy as np
 from alignjax.data.batching import collate_prompts
 from alignjax.losses.types import masked_sum
 from alignjax.models.sampling import generate
+from alignjax.train.distributed import fetch
 from alignjax.train.step import StepSpec, TrainState, _loss_batch, _token_stats, model_of
 
 __all__ = ["build_eval_step", "evaluate", "sample_completions"]
@@ -85,6 +86,9 @@ def evaluate(
 ) -> dict:
     """Metrics over the loader's epoch 0 (every example once, in order when shuffle=False).
 
+    In a multi-process run every process must call it (each loads its own slice of every
+    batch; the per-example results are gathered to all of them).
+
     Args:
       eval_step: `build_eval_step(spec)`, with `spec.task == task`.
       loader: a `data.DataLoader` over the held-out split (use remainder="pad" to keep every
@@ -95,7 +99,7 @@ def evaluate(
     for k, batch in loader.epoch(0):
         if max_batches is not None and k >= max_batches:
             break
-        parts.append(jax.device_get(eval_step(state, to_device(batch))))
+        parts.append(fetch(eval_step(state, to_device(batch))))
     if not parts:
         raise ValueError("the evaluation loader yields no batch (split smaller than one batch?)")
     cat = {key: np.concatenate([np.asarray(p[key]).reshape(-1) for p in parts]) for key in parts[0]}

@@ -263,7 +263,13 @@ class Session:
         return self.placement.from_checkpoint(restored, fresh)
 
     def host_state(self, state=None) -> S.TrainState:
-        return self.placement.to_checkpoint(self.state if state is None else state)
+        """The state with every array whole on this host (a collective across processes)."""
+        state = self.placement.to_checkpoint(self.state if state is None else state)
+        if jax.process_count() > 1:
+            from alignjax.train.distributed import fetch
+
+            state = fetch(state)
+        return state
 
     def eval_loader(self):
         if self.eval_data is None:
@@ -523,19 +529,21 @@ def train(cfg: cfg_lib.TrainConfig, *, progress: bool = True) -> dict:
     summary = {"steps": cfg.steps, "out_dir": str(out), "skipped": int(np.max(state.skipped))}
     if session.eval_data is not None:
         summary["eval"] = dict(last_eval) or session.evaluate(state)
+    needs_host = (cfg.eval_samples and session.eval_data is not None) or cfg.checkpoint.export_hf
+    host = session.host_state(state) if needs_host else None  # every process takes part
     if session.is_main:
         if cfg.eval_samples and session.eval_data is not None:
             (out / "samples.jsonl").unlink(missing_ok=True)
             n = min(cfg.eval_samples, len(session.eval_data))
             E.sample_completions(
-                session.host_state(state),
+                host,
                 session.tokenizer,
                 [session.eval_data[i] for i in range(n)],
                 max_new_tokens=cfg.sample_tokens,
                 path=out / "samples.jsonl",
             )
         if cfg.checkpoint.export_hf:
-            summary["export"] = export_run(session, out / "export")
+            summary["export"] = export_run(session, out / "export", state=host)
         if cfg.plot:
             summary["curves"] = str(plot_curves(out / "metrics.jsonl", out / "curves.png"))
         (out / "eval.json").write_text(json.dumps(summary, indent=2))
@@ -588,7 +596,9 @@ def evaluate_run(run_dir: str | Path, *, step: int | None = None, overrides=()) 
     return result
 
 
-def export_run(session_or_dir, out: str | Path | None = None, *, step: int | None = None) -> dict:
+def export_run(
+    session_or_dir, out: str | Path | None = None, *, step: int | None = None, state=None
+) -> dict:
     """Write `out/merged` (HF safetensors, adapters merged, plus the tokenizer) and, for PEFT
     runs, `out/adapter` (HF PEFT format). From a session, or a run directory's checkpoint."""
     if isinstance(session_or_dir, Session):
@@ -597,7 +607,7 @@ def export_run(session_or_dir, out: str | Path | None = None, *, step: int | Non
         session = _session_from_run(session_or_dir)
         _restore_latest(session, step)
     out = Path(out) if out is not None else session.out_dir / "export"
-    model = S.model_of(session.host_state())
+    model = S.model_of(session.host_state() if state is None else state)
     paths = {}
     if session.adapted:
         path = peft.export_adapters(model, out / "adapter")

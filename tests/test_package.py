@@ -69,7 +69,8 @@ def test_torch_is_only_an_exact_ref_pin():
 
 def test_readme_commands_and_ci():
     main, tests = _readme_block("main-command"), _readme_block("test-command")
-    assert "benchmarks/logprobs.py" in main and (ROOT / "benchmarks" / "logprobs.py").exists()
+    assert main.endswith(".venv/bin/alignjax demo")  # the console script setup.py declares
+    assert "alignjax = alignjax.cli:main" in (ROOT / "setup.py").read_text()
     assert '".[dev]"' in tests and "pytest" in tests
     for cmd in (main, tests):
         assert cmd.startswith("python3 -m venv .venv && ")

@@ -1,11 +1,13 @@
-"""Multi-process (multi-host) runs through `jax.distributed`, and per-host batches.
+"""Multi-process (multi-host) runs through `jax.distributed`.
 
 Every process runs the same program (SPMD, "multi-controller"). `initialize` connects the
 processes before any other JAX call; after it, `jax.devices()` lists the devices of every
-process, a `sharding.make_mesh` spans them all, and each process loads only its own slice of
-every global batch (`data.DataLoader` takes `jax.process_index()` / `jax.process_count()` by
-default) and hands it to `shard_host_batch`, which assembles the global batch arrays.
+process and a `sharding.make_mesh` spans them all. The trainer does this from the config
+(`mesh.coordinator_address`, `mesh.num_processes`, `mesh.process_id`, or the environment
+below), so `alignjax train` needs nothing more; by hand:
 
+    import jax
+    from alignjax import data
     from alignjax.train import distributed, sharding
     from alignjax.train import step as S
 
@@ -13,11 +15,23 @@ default) and hands it to `shard_host_batch`, which assembles the global batch ar
     mesh = sharding.make_mesh(data=-1)        # every device of every process
     state = S.init_state(model, optimizer, reference="frozen", seed=0)  # the same everywhere
     state = sharding.shard_state(state, mesh, sharding.param_specs(state, mesh))
+    spec = S.StepSpec(task="paired", row_blocks=jax.process_count())
     step = S.build_step(spec, optimizer)
     loader = data.DataLoader(tokenized, data.LoaderConfig(batch_size=64))  # this host's slice
     for _, host_batch in loader.epoch(0):
-        state, metrics = step(state, distributed.shard_host_batch(host_batch, mesh))
+        state, metrics = step(state, sharding.shard_batch(host_batch, mesh))
     params = distributed.fetch(state.params)  # NumPy, the full values, on every process
+
+Per-host loading. Each process collates only its slice of every global batch (`DataLoader`
+takes `jax.process_index()` / `jax.process_count()` by default; the global batch size must
+divide evenly), and `sharding.shard_batch` concatenates the slices into global arrays
+(`jax.make_array_from_process_local_data`). A paired slice stacks its own `[chosen; rejected]`
+rows, so the global batch is `[c_0; r_0; c_1; r_1]`, one block per process;
+`StepSpec(row_blocks=jax.process_count())` tells the step so, and it puts the per-token
+results back into the loss's layout `[c_0; c_1; r_0; r_1]` after the model (which is
+row-independent). Packed batches index their host's own rows: the trainer refuses them across
+processes (`data.packing=false`). Results that live on several processes' devices (evaluation
+outputs, the final state) are read with `fetch`, a collective.
 
 Launch N copies with the coordinator address (process 0's host and a free port), N and each
 copy's index, as arguments or in the environment:
@@ -36,28 +50,17 @@ before the backend is created (`jax_cpu_collectives_implementation`, "gloo" or "
 0.10 defaults to "gloo"; `initialize` sets "gloo" when it is unset (older defaults, or an
 explicit None), since without it every computation spanning processes fails with
 "Multiprocess computations aren't implemented on the CPU backend".
-
-Paired batches. A host batch stacks its own `[chosen; rejected]` rows, so the plain
-concatenation of host batches that `sharding.shard_batch` builds, `[c_0; r_0; c_1; r_1]`,
-would pair process 0's chosen rows with process 0's rejected ones as "chosen" in the step's
-split in half. `shard_host_batch` assembles `[c_0; c_1; r_0; r_1]` instead: the global batch
-that one process loading the whole global batch would have built (the rows are regrouped by
-a jitted reshape, a small all-to-all per step).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-
-from alignjax.train import sharding
 
 __all__ = [
     "ENV_COORDINATOR",
@@ -67,7 +70,6 @@ __all__ = [
     "DistributedInfo",
     "initialize",
     "info",
-    "shard_host_batch",
     "fetch",
 ]
 
@@ -84,10 +86,6 @@ _ENV = {
     "process_id": (ENV_PROCESS_ID, "JAX_PROCESS_ID"),
     "local_device_ids": (ENV_LOCAL_DEVICE_IDS, "JAX_LOCAL_DEVICE_IDS"),
 }
-
-# Per-row fields of a `data.Batch` (leading axis R = k * E rows, k blocks of E, e.g.
-# [chosen; rejected] or KTO's [matched; mismatched]); the other arrays are per example ([E]).
-_ROW_FIELDS = ("input_ids", "attention_mask", "positions", "labels", "loss_mask", "ref_logps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,73 +321,6 @@ def initialize(
         current.coordinator_address,
     )
     return current
-
-
-# -- batches ----------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=64)
-def _regroup(mesh: Mesh, blocks: int, fields: tuple[str, ...]):
-    """Jitted [E, k, ...] -> [k * E, ...] (block-major rows) for `fields`, laid out as
-    `sharding.batch_spec`; one compiled function per (mesh, k, fields, shapes)."""
-
-    def one(x):
-        x = jax.numpy.swapaxes(x, 0, 1)
-        return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-
-    def fn(arrays):
-        out = {}
-        for name, x in arrays.items():
-            y = one(x)
-            out[name] = jax.lax.with_sharding_constraint(
-                y, NamedSharding(mesh, sharding.batch_spec(y.ndim))
-            )
-        return out
-
-    return jax.jit(fn)
-
-
-def shard_host_batch(batch, mesh: Mesh):
-    """This process's `data.Batch` -> the global batch on `mesh` (as `sharding.shard_batch`),
-    with stacked row blocks ([chosen; rejected], KTO's [matched; mismatched]) kept block-major
-    across processes: the global batch equals the one a single process would have collated
-    from the whole global batch of examples.
-
-    Any other pytree, a single process, or one row per example: `sharding.shard_batch`.
-    Packed batches (whose `seq_row` index the host's own rows) are refused across processes.
-    """
-    if jax.process_count() == 1 or not dataclasses.is_dataclass(batch):
-        return sharding.shard_batch(batch, mesh)
-    if getattr(batch, "segment_ids", None) is not None:
-        raise NotImplementedError(
-            "packed batches locate their sequences by host-local row (`seq_row`); across "
-            "processes use padded batches (LoaderConfig(packing=False))"
-        )
-    examples = np.shape(batch.valid)[0]
-    rows = np.shape(batch.input_ids)[0]
-    if examples == 0 or rows % examples:
-        raise ValueError(f"a batch of {rows} rows and {examples} examples: rows must be k x E")
-    blocks = rows // examples
-    if blocks == 1:
-        return sharding.shard_batch(batch, mesh)
-    stacked = {}
-    for name in _ROW_FIELDS:
-        x = getattr(batch, name, None)
-        if x is None:
-            continue
-        x = np.asarray(x)
-        if x.shape[0] != rows:
-            raise ValueError(f"`{name}` has {x.shape[0]} rows, the batch {rows}")
-        # [k * e, ...] -> [e, k, ...]: examples lead, so the per-host slices concatenate.
-        stacked[name] = np.swapaxes(x.reshape(blocks, examples, *x.shape[1:]), 0, 1)
-    other = {
-        f.name: getattr(batch, f.name)
-        for f in dataclasses.fields(batch)
-        if f.name not in stacked and getattr(batch, f.name) is not None
-    }
-    glob = sharding.shard_batch({"stacked": stacked, "other": other}, mesh)
-    regrouped = _regroup(mesh, blocks, tuple(sorted(stacked)))(glob["stacked"])
-    return dataclasses.replace(batch, **regrouped, **glob["other"])
 
 
 def fetch(tree):

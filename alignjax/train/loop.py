@@ -38,7 +38,13 @@ class Placement:
         return int(state.step), epoch, start
 
     def with_position(self, state, epoch: int, start: int):
-        return state.replace(position=jnp.asarray([epoch, start], jnp.int32))
+        """The state at a new data position, placed like the old one (a global array under a
+        multi-process mesh, which orbax needs to save it)."""
+        position = np.asarray([epoch, start], np.int32)
+        sharding = getattr(state.position, "sharding", None)
+        if sharding is None:
+            return state.replace(position=jnp.asarray(position))
+        return state.replace(position=jax.device_put(position, sharding))
 
     def to_checkpoint(self, state):
         """What a checkpoint stores (a pytree of arrays)."""

@@ -9,8 +9,9 @@
 dotted overrides; rerunning it on a run directory that has checkpoints resumes. `eval` and
 `export` rebuild the run from its `config.yaml` and restore a checkpoint. `demo` is the
 end-to-end example: SFT a tiny model on the shipped reviews, then DPO it with LoRA and the
-adapters-disabled reference, and report the held-out reward accuracy. Bad configs exit with
-status 2 and a message naming the key.
+adapters-disabled reference, and report the held-out reward accuracy (rerunning it on the same
+`--out` resumes, so a finished demo only reprints its table). Bad configs exit with status 2 and
+a message naming the key (ALIGNJAX_DEBUG=1 shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 __all__ = ["main"]
@@ -75,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.out, quick=args.quick, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("ALIGNJAX_DEBUG"):
+            raise
         print(f"alignjax {args.command}: error: {err}", file=sys.stderr)
+        print("(set ALIGNJAX_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
     return 0
 

@@ -19,6 +19,17 @@ if os.environ.get("ALIGNJAX_TEST_XLA_OPT") != "1" and "xla_backend_optimization_
 ):
     os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"] + " " + _opt
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Test processes (the xdist workers, and the runs the tests start as subprocesses) compile many
+# of the same programs: share them through JAX's persistent compilation cache. A cached
+# executable is the one the compiler produced (the key covers the program, the flags and the
+# jax version), so results are unchanged. Delete the directory to reclaim the space.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"alignjax-tests-jax-cache-{os.getuid()}"
+    )
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # No network at run time: the hub clients of transformers / datasets must never be reached.
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_var] = "1"
@@ -42,3 +53,25 @@ def x64():
     """Run the test body with float64 enabled."""
     with jax.enable_x64(True):
         yield
+
+
+# Tests that start processes or train whole runs take 10-60 s each: run them first, so that
+# pytest-xdist spreads them over the workers instead of leaving one of them for the end.
+_SLOW_FIRST = (
+    "test_train_resume.py",
+    "test_train_distributed.py",
+    "test_benchmark_train_step.py",
+    "test_notebooks.py",
+    "test_train_trainer.py",
+    "test_train_parallel.py",
+    "test_train_tasks.py",
+    "test_package.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return _SLOW_FIRST.index(name) if name in _SLOW_FIRST else len(_SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each file is kept

@@ -1,17 +1,17 @@
 """alignjax.train.distributed: a 2-process `jax.distributed` run on 127.0.0.1 (2 CPU devices per
 process, 4 in all) of the real trainer (`trainer.train`, 5 DPO steps and an evaluation at steps
 0 and 5) trains and evaluates like one device: the same per-step losses, the same evaluation
-metrics and the same parameters in the final checkpoint, under a data-parallel mesh and a
-data x FSDP one. Each process loads only its half of every global batch (its `DataLoader`
-slice), `sharding.shard_batch` concatenates the halves, `StepSpec(row_blocks=2)` puts the
+metrics and the same parameters in the final checkpoint, under a data x FSDP mesh. Each
+process loads only its half of every global batch (its `DataLoader` slice),
+`sharding.shard_batch` concatenates the halves, `StepSpec(row_blocks=2)` puts the
 per-token results back into the `[chosen; rejected]` loss layout, and the evaluation gathers
 its per-example results to every process (`distributed.fetch`). Plus `initialize`'s resolution
 from arguments / environment and its errors.
 
 The workers are `tests/distributed_worker.py` subprocesses (the parent's 8-device XLA_FLAGS
 from conftest must not reach them, and `jax.distributed.initialize` must precede any other JAX
-call); both run the two layouts one after the other (one `initialize`), into their own run
-directories, shared by the two processes (orbax checkpoints are collective; only process 0
+call); they run each layout of `LAYOUTS` one after the other (one `initialize`), into a run
+directory shared by the two processes (orbax checkpoints are collective; only process 0
 writes metrics.jsonl). The single-device reference, the same config with `mesh.devices=1`,
 runs here while they run.
 
@@ -19,8 +19,8 @@ Tolerance: 1e-5 relative; losses and evaluation metrics elementwise, parameters 
 relative to the leaf's largest entry (an elementwise rtol means nothing for entries near 0).
 The programs compute the same math; only the float32 reduction order differs (batch sums
 split across devices and processes and all-reduced, FSDP's gathers and reduce-scatters).
-Observed (data4 / data2_fsdp2): losses within 1.3e-6 / 1.0e-6, evaluation metrics within
-2.5e-7 / 1.5e-6, parameters within 2.1e-7 / 2.7e-7.
+Observed (data=4 / data=2 x fsdp=2, the first layout since dropped for time): losses within
+1.3e-6 / 1.0e-6, evaluation metrics within 2.5e-7 / 1.5e-6, parameters within 2.1e-7 / 2.7e-7.
 
 The optimizer is SGD with momentum, as in tests/test_train_parallel.py. Adam with optax's
 default eps = 1e-8 makes its first update lr * g / (|g| + eps), essentially lr * sign(g): an

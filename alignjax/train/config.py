@@ -114,7 +114,7 @@ class ReferenceConfig:
     path: str | None = None  # a different reference checkpoint (frozen / precomputed)
     cache_dir: str | None = None
     sync_every: int = 0
-    sync_alpha: float = 1.0
+    sync_alpha: float = 0.6  # TRL ref_model_mixup_alpha
 
 
 @dataclasses.dataclass(frozen=True)

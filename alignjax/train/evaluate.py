@@ -51,7 +51,10 @@ def build_eval_step(spec: StepSpec) -> Callable:
         tokens = jnp.sum(mask, axis=-1).astype(jnp.float32)
         if spec.task == "sft":
             return {"nll_sum": -seq, "tokens": tokens, "valid": batch.valid}
-        out = spec.loss_fn(_loss_batch(spec, batch, logps, mask, ref_logps, kl), **spec.loss_kwargs)
+        kwargs = dict(spec.loss_kwargs)
+        if state.loss_state is not None and isinstance(spec.loss, str) and spec.loss == "bco":
+            kwargs["delta"] = state.loss_state.mean  # the running mean the training reached
+        out = spec.loss_fn(_loss_batch(spec, batch, logps, mask, ref_logps, kl), **kwargs)
         n = batch.valid.shape[0]
         res = {
             "losses": out.losses,

@@ -62,6 +62,8 @@ class TrainState(struct.PyTreeNode):
       rng: uint32 PRNG key data (dropout, sampling).
       position: int32 `[2]` data position (epoch, next batch), written by the loop.
       skipped: int32 number of updates skipped by the non-finite guard.
+      loss_state: a stateful loss's carried statistics (BCO's running reward moments, TRL's
+        `RunningMoments`), else None.
     """
 
     graphdef: Any = struct.field(pytree_node=False)
@@ -73,6 +75,10 @@ class TrainState(struct.PyTreeNode):
     rng: jax.Array
     position: jax.Array
     skipped: jax.Array
+    loss_state: Any = None
+
+
+STATEFUL_LOSSES = ("bco",)  # losses whose statistics the state carries (`loss_state`)
 
 
 def init_state(
@@ -82,8 +88,10 @@ def init_state(
     wrt=nnx.Param,
     reference: str = "frozen",
     seed: int = 0,
+    loss: str | Callable | None = None,
 ) -> TrainState:
-    """Split `model` into trainable / rest, initialise the optimizer and the reference."""
+    """Split `model` into trainable / rest, initialise the optimizer and the reference (and,
+    for `loss="bco"`, BCO's running reward moments)."""
     if reference not in REFERENCES:
         raise ValueError(f"`reference` must be one of {REFERENCES}, got {reference!r}")
     graphdef, params, rest = nnx.split(model, wrt, ...)
@@ -100,6 +108,7 @@ def init_state(
         rng=jax.random.key_data(jax.random.key(seed)),
         position=jnp.zeros((2,), jnp.int32),
         skipped=jnp.zeros((), jnp.int32),
+        loss_state=L.init_reward_moments() if loss in STATEFUL_LOSSES else None,
     )
 
 
@@ -296,14 +305,25 @@ def build_step(
         whole global batch, exactly as under a mesh.
     """
 
-    def micro_loss(params, state, batch, counts):
+    stateful = isinstance(spec.loss, str) and spec.loss in STATEFUL_LOSSES
+
+    def micro_loss(params, state, batch, counts, loss_state):
         logps, ref_logps, kl, mask = _token_stats(spec, state, params, batch)
         lb = _loss_batch(spec, batch, logps, mask, ref_logps, kl)
-        out = spec.loss_fn(lb, **spec.loss_kwargs)
+        kwargs = dict(spec.loss_kwargs)
+        if stateful:  # BCO as TRL: fold this batch's rewards in, then delta = running mean
+            if loss_state is None:
+                raise ValueError("loss 'bco' needs a state built with init_state(loss='bco')")
+            rewards = L.bco_rewards(lb, kwargs.get("beta", 0.1))
+            loss_state = L.update_reward_moments(
+                loss_state, rewards, batch.valid, axis_name=axis_name
+            )
+            kwargs["delta"] = loss_state.mean
+        out = spec.loss_fn(lb, **kwargs)
         total = sum(
             t.weight * t.total / jnp.maximum(counts[k], 1e-30) for k, t in out.terms.items()
         )
-        return total, out.metrics
+        return total, (out.metrics, loss_state)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -316,12 +336,13 @@ def build_step(
             counts = jax.lax.psum(counts, axis_name)
 
         def body(acc, b):
-            grads, loss = acc
-            (value, metrics), g = grad_fn(state.params, state, b, counts)
-            return (jax.tree.map(jnp.add, grads, g), loss + value), metrics
+            grads, loss, loss_state = acc
+            (value, (metrics, loss_state)), g = grad_fn(state.params, state, b, counts, loss_state)
+            return (jax.tree.map(jnp.add, grads, g), loss + value, loss_state), metrics
 
         zero = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, loss), metrics = jax.lax.scan(body, (zero, jnp.zeros((), jnp.float32)), micro)
+        init = (zero, jnp.zeros((), jnp.float32), state.loss_state)
+        (grads, loss, loss_state), metrics = jax.lax.scan(body, init, micro)
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
         num_tokens = jnp.sum(micro.loss_mask).astype(jnp.float32)
         if axis_name is not None:
@@ -336,6 +357,7 @@ def build_step(
             opt_state=keep_if(finite, new_opt, state.opt_state),
             step=state.step + 1,
             skipped=state.skipped + (~finite).astype(jnp.int32),
+            loss_state=keep_if(finite, loss_state, state.loss_state),
         )
         if spec.sync_every:
             sync = (new_state.step % spec.sync_every) == 0

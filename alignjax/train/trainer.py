@@ -279,7 +279,13 @@ class Session:
         n = -(-n // jax.process_count()) * jax.process_count()
         return D.DataLoader(
             self.eval_data,
-            D.LoaderConfig(batch_size=n, shuffle=False, buckets=d.buckets, remainder="pad"),
+            D.LoaderConfig(
+                batch_size=n,
+                shuffle=False,
+                buckets=d.buckets,
+                remainder="pad",
+                kto_kl=self.spec.kto_kl,
+            ),
         )
 
     def evaluate(self, state=None) -> dict:
@@ -374,7 +380,7 @@ def setup(cfg: cfg_lib.TrainConfig, *, with_train_data: bool = True) -> Session:
                          "mesh.pmap or several processes")  # fmt: skip
     optimizer, schedule = build_optimizer(cfg)
     wrt = peft.AdapterParam if adapted else nnx.Param
-    state = S.init_state(model, optimizer, wrt=wrt, reference=mode, seed=cfg.seed)
+    state = S.init_state(model, optimizer, wrt=wrt, reference=mode, seed=cfg.seed, loss=spec.loss)
     if cfg.reference.path is not None and mode in ("frozen", "precomputed"):
         ref_model = models.load_pretrained(cfg.reference.path)
         if mode == "frozen":

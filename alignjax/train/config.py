@@ -78,6 +78,10 @@ class LossConfig:
     beta: float = 0.1
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     combine: tuple[tuple[str, float], ...] = ()
+    # SparsePO's learned token masks (loss "sparsepo"): the head variant ("all", "last", "mlp")
+    # and one common mask or independent reward / KL masks ("sparse-indp").
+    mask_head: str = "all"
+    independent_masks: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,7 +46,7 @@ def build_eval_step(spec: StepSpec) -> Callable:
     """A jitted `(state, batch) -> per-example arrays` (see the module docstring)."""
 
     def step(state: TrainState, batch):
-        logps, ref_logps, kl, mask = _token_stats(spec, state, state.params, batch)
+        logps, ref_logps, kl, mask, masks = _token_stats(spec, state, state.params, batch)
         seq = masked_sum(logps, mask)
         tokens = jnp.sum(mask, axis=-1).astype(jnp.float32)
         if spec.task == "sft":
@@ -54,7 +54,8 @@ def build_eval_step(spec: StepSpec) -> Callable:
         kwargs = dict(spec.loss_kwargs)
         if state.loss_state is not None and isinstance(spec.loss, str) and spec.loss == "bco":
             kwargs["delta"] = state.loss_state.mean  # the running mean the training reached
-        out = spec.loss_fn(_loss_batch(spec, batch, logps, mask, ref_logps, kl), **kwargs)
+        lb = _loss_batch(spec, batch, logps, mask, ref_logps, kl, masks)
+        out = spec.loss_fn(lb, **kwargs)
         n = batch.valid.shape[0]
         res = {
             "losses": out.losses,

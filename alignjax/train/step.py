@@ -12,6 +12,10 @@ accumulates the gradient of sum_k w_k total_k / C_k over the micro-batches in a 
 A micro-batches of B give the gradient of one batch of A x B, to float rounding. Under a mesh the
 batch arrays are global, so device reductions are exact as well.
 
+Token-mask losses read the reference inside the step: TDPO the per-token KL; SparsePO the
+reference's layer outputs, fed to mask heads trained with the policy (`init_state(heads=...)`,
+one common head or independent reward / KL heads); MaPO the reference's activations.
+
 Reference, three ways (`reference` of `init_state` / `StepSpec`): "frozen" (a copy of the
 initial trainable state, no gradient), "adapters_disabled" (the policy with its adapters off:
 no parameter memory), "precomputed" (the batch carries `ref_logps`, e.g. from
@@ -46,7 +50,18 @@ __all__ = [
 
 REFERENCES = ("frozen", "adapters_disabled", "precomputed", "none")
 TASKS = ("paired", "unpaired", "sft")
-KL_LOSSES = ("tdpo1", "tdpo2", "sparsepo")  # need per-token KL(ref || policy)
+KL_LOSSES = ("tdpo1", "tdpo2", "sparsepo", "mapo")  # need per-token KL(ref || policy)
+HIDDEN_LOSSES = ("sparsepo",)  # a learned mask head on the reference's hidden states
+ACTIVATION_LOSSES = ("mapo",)  # masks from the reference's activations
+MAPO_GROUPS = ("mlp", "attn", "resid")
+
+
+class Heads(nnx.Module):
+    """Named trainable modules trained with the policy (e.g. SparsePO's "reward" / "kl" heads)."""
+
+    def __init__(self, heads: Mapping[str, nnx.Module]):
+        for name, module in heads.items():
+            setattr(self, name, module)
 
 
 class TrainState(struct.PyTreeNode):
@@ -64,6 +79,8 @@ class TrainState(struct.PyTreeNode):
       skipped: int32 number of updates skipped by the non-finite guard.
       loss_state: a stateful loss's carried statistics (BCO's running reward moments, TRL's
         `RunningMoments`), else None.
+      head_graphdef: with trainable heads (SparsePO's mask heads), their graph definition;
+        `params` and `rest` are then `{"policy": ..., "heads": ...}` (`model_of`, `heads_of`).
     """
 
     graphdef: Any = struct.field(pytree_node=False)
@@ -76,6 +93,7 @@ class TrainState(struct.PyTreeNode):
     position: jax.Array
     skipped: jax.Array
     loss_state: Any = None
+    head_graphdef: Any = struct.field(pytree_node=False, default=None)
 
 
 STATEFUL_LOSSES = ("bco",)  # losses whose statistics the state carries (`loss_state`)
@@ -89,15 +107,22 @@ def init_state(
     reference: str = "frozen",
     seed: int = 0,
     loss: str | Callable | None = None,
+    heads: Mapping[str, nnx.Module] | None = None,
 ) -> TrainState:
     """Split `model` into trainable / rest, initialise the optimizer and the reference (and,
-    for `loss="bco"`, BCO's running reward moments)."""
+    for `loss="bco"`, BCO's running reward moments). `heads` are further modules trained with
+    the policy (all their `nnx.Param`s), e.g. `{"reward": SparseMaskHead(...)}` for SparsePO."""
     if reference not in REFERENCES:
         raise ValueError(f"`reference` must be one of {REFERENCES}, got {reference!r}")
     graphdef, params, rest = nnx.split(model, wrt, ...)
     if not jax.tree.leaves(params):
         raise ValueError(f"the model has no parameters matching `wrt`={wrt}")
     ref = jax.tree.map(jnp.copy, params) if reference == "frozen" else None
+    head_graphdef = None
+    if heads:
+        head_graphdef, head_params, head_rest = nnx.split(Heads(dict(heads)), nnx.Param, ...)
+        params = {"policy": params, "heads": head_params}
+        rest = {"policy": rest, "heads": head_rest}
     return TrainState(
         graphdef=graphdef,
         params=params,
@@ -109,12 +134,28 @@ def init_state(
         position=jnp.zeros((2,), jnp.int32),
         skipped=jnp.zeros((), jnp.int32),
         loss_state=L.init_reward_moments() if loss in STATEFUL_LOSSES else None,
+        head_graphdef=head_graphdef,
     )
 
 
 def model_of(state: TrainState, params=None) -> nnx.Module:
-    """The model with `params` (default: the state's trainable params)."""
-    return nnx.merge(state.graphdef, state.params if params is None else params, state.rest)
+    """The policy with `params` (default: the state's trainable params; the policy part when
+    the state has heads; a reference's params `state.ref` work too)."""
+    params = state.params if params is None else params
+    rest = state.rest
+    if state.head_graphdef is not None:
+        rest = rest["policy"]
+        if isinstance(params, dict) and set(params) == {"policy", "heads"}:
+            params = params["policy"]
+    return nnx.merge(state.graphdef, params, rest)
+
+
+def heads_of(state: TrainState, params=None) -> Heads:
+    """The trainable heads with `params` (default: the state's)."""
+    if state.head_graphdef is None:
+        raise ValueError("the state has no heads (init_state(..., heads=...))")
+    params = state.params if params is None else params
+    return nnx.merge(state.head_graphdef, params["heads"], state.rest["heads"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +169,9 @@ class StepSpec:
       loss_kwargs: its hyperparameters.
       reference: see the module docstring; must match the state's.
       kto_kl: unpaired batches carry `[matched; mismatched]` rows (`data.collate(kto_kl=True)`).
+      independent_masks: SparsePO with two heads, "reward" (m_u) and "kl" (m_d) ("sparse-indp");
+        False: one "reward" head serves both (the common mask).
+      mapo_groups: MaPO's activation groups of the reference ("mlp", "attn", "resid").
       row_blocks: the batch's rows are this many consecutive blocks, each laid out like a
         whole batch (`[chosen; rejected]` of its own examples): a multi-process run's global
         batch, where each process contributes its own block (`jax.process_count()`). Per-token
@@ -147,6 +191,8 @@ class StepSpec:
     sync_every: int = 0
     sync_alpha: float = 0.6
     row_blocks: int = 1
+    independent_masks: bool = False
+    mapo_groups: tuple[str, ...] = MAPO_GROUPS
 
     def __post_init__(self):
         if not isinstance(self.row_blocks, int) or self.row_blocks < 1:
@@ -161,11 +207,15 @@ class StepSpec:
             raise ValueError("TR-DPO's reference sync (`sync_every`) needs reference='frozen'")
         if not 0.0 < self.sync_alpha <= 1.0:
             raise ValueError(f"`sync_alpha` must be in (0, 1], got {self.sync_alpha}")
-        if self.needs_kl and self.reference == "precomputed":
+        if self.needs_kl and self.reference in ("precomputed", "none"):
             raise ValueError(
-                f"{self.loss!r} needs the per-token KL(ref || policy), which needs the reference "
-                "logits in the step; use reference='frozen' or 'adapters_disabled'"
+                f"{self.loss!r} needs the per-token KL(ref || policy) (and the reference's hidden "
+                "states or activations), so the reference must run in the step; use "
+                "reference='frozen' or 'adapters_disabled'"
             )
+        bad = set(self.mapo_groups) - set(MAPO_GROUPS)
+        if bad or not self.mapo_groups:
+            raise ValueError(f"`mapo_groups` must be a non-empty subset of {MAPO_GROUPS}")
 
     @property
     def loss_fn(self) -> Callable:
@@ -177,28 +227,67 @@ class StepSpec:
     def needs_kl(self) -> bool:
         return isinstance(self.loss, str) and self.loss in KL_LOSSES
 
+    @property
+    def needs_hidden(self) -> bool:
+        return isinstance(self.loss, str) and self.loss in HIDDEN_LOSSES
 
-def _hidden_and_head(model, batch):
-    out = model(**batch.model_inputs())
-    return out.last_hidden_state, model.unembed()
+    @property
+    def needs_activations(self) -> bool:
+        return isinstance(self.loss, str) and self.loss in ACTIVATION_LOSSES
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """The heads a state must carry for this loss."""
+        if not self.needs_hidden:
+            return ()
+        return ("reward", "kl") if self.independent_masks else ("reward",)
+
+
+def _hidden_and_head(model, batch, spec: StepSpec | None = None):
+    hidden = spec is not None and spec.needs_hidden
+    acts = spec is not None and spec.needs_activations
+    out = model(**batch.model_inputs(), output_hidden_states=hidden, output_activations=acts)
+    return out, model.unembed()
 
 
 def _reference_hidden(spec: StepSpec, state: TrainState, params, batch):
-    """Reference final hidden states and head, without gradient (None when not in the step)."""
+    """Reference model output (final hidden states, and the per-layer hidden states or
+    activations a token-mask loss reads) and LM head, without gradient (None, None when the
+    reference is not in the step)."""
     if spec.reference == "frozen":
         if state.ref is None:
             raise ValueError("reference='frozen' needs a state built with reference='frozen'")
-        h, w = _hidden_and_head(model_of(state, state.ref), batch)
+        out, w = _hidden_and_head(model_of(state, state.ref), batch, spec)
     elif spec.reference == "adapters_disabled":
         with adapters_disabled(model_of(state, params)) as base:
-            h, w = _hidden_and_head(base, batch)
+            out, w = _hidden_and_head(base, batch, spec)
     else:
         return None, None
-    return jax.lax.stop_gradient(h), jax.lax.stop_gradient(w)
+    return jax.lax.stop_gradient(out), jax.lax.stop_gradient(w)
 
 
-def _loss_batch(spec: StepSpec, batch, logps, mask, ref_logps, kl):
-    """The loss's input pytree from stacked per-token values."""
+def token_masks(spec: StepSpec, state: TrainState, params, ref_out, mask):
+    """SparsePO's learned masks (the heads on the reference's layer outputs, embeddings
+    excluded) or MaPO's activation mask, `{"reward_mask", "kl_mask"}` `[R, T]` in row layout;
+    {} for other losses."""
+    if spec.needs_hidden:
+        heads = heads_of(state, params)
+        missing = [n for n in spec.head_names if not hasattr(heads, n)]
+        if missing:
+            raise ValueError(f"SparsePO needs heads {spec.head_names}; the state lacks {missing}")
+        hidden = jnp.stack(ref_out.hidden_states[1:])  # [L, R, T, D], no gradient
+        out = {"reward_mask": heads.reward(hidden)}
+        if spec.independent_masks:
+            out["kl_mask"] = heads.kl(hidden)
+        return out
+    if spec.needs_activations:
+        groups = {g: [a[g] for a in ref_out.activations] for g in spec.mapo_groups}
+        return {"reward_mask": ops.mapo_activation_mask(groups, mask)}
+    return {}
+
+
+def _loss_batch(spec: StepSpec, batch, logps, mask, ref_logps, kl, masks=None):
+    """The loss's input pytree from stacked per-token values (`masks`: `token_masks`)."""
     if spec.task == "sft":
         return L.PreferenceBatch(logps, logps, mask, mask)
     if spec.task == "unpaired":
@@ -218,6 +307,7 @@ def _loss_batch(spec: StepSpec, batch, logps, mask, ref_logps, kl):
     }
     if kl is not None:
         fields["kl"] = kl
+    fields.update(masks or {})
     return L.PreferenceBatch.from_stacked(logps, mask, ref_logps, **fields)
 
 
@@ -252,20 +342,27 @@ def _token_stats(spec: StepSpec, state: TrainState, params, batch):
     """Policy (and reference) per-token log-probs / KL of a batch, one fused LM-head pass, and
     the loss mask, all in the loss layout (`to_sequences`)."""
     model = model_of(state, params)
-    h, w = _hidden_and_head(model, batch)
-    rh, rw = _reference_hidden(spec, state, params, batch)
+    out, w = _hidden_and_head(model, batch)
+    h = out.last_hidden_state
+    ref_out, rw = _reference_hidden(spec, state, params, batch)
     mask = batch.loss_mask
-    if rh is None:
+    if ref_out is None:
         logps = ops.fused_token_logps(h, w, batch.labels, mask)
         ref = getattr(batch, "ref_logps", None) if spec.reference == "precomputed" else None
         if ref is not None and ref.ndim != 2:
             ref = None if batch.seq_row is not None else ref  # sequence-level: no reordering
-        return to_sequences(spec, batch, [logps, ref, None, mask])
+        return (*to_sequences(spec, batch, [logps, ref, None, mask]), {})
     stats = ops.fused_token_stats(
-        h, w, batch.labels, mask, ref_hidden=rh, ref_unembed=rw, ref_logps=True, kl=spec.needs_kl
-    )
+        h, w, batch.labels, mask, ref_hidden=ref_out.last_hidden_state, ref_unembed=rw,
+        ref_logps=True, kl=spec.needs_kl,
+    )  # fmt: skip
     ref = jax.lax.stop_gradient(stats.ref_logps)
-    return to_sequences(spec, batch, [stats.logps, ref, stats.kl, mask])
+    masks = token_masks(spec, state, params, ref_out, mask)
+    names = sorted(masks)
+    logps, ref, kl, mask, *ordered = to_sequences(
+        spec, batch, [stats.logps, ref, stats.kl, mask, *(masks[n] for n in names)]
+    )
+    return logps, ref, kl, mask, dict(zip(names, ordered))
 
 
 def _counts(spec: StepSpec, batch) -> dict:
@@ -274,7 +371,12 @@ def _counts(spec: StepSpec, batch) -> dict:
     z = jnp.zeros(mask.shape, jnp.float32)
     ref = None if spec.reference == "none" else z
     kl = z if spec.needs_kl else None
-    out = spec.loss_fn(_loss_batch(spec, batch, z, mask, ref, kl), **spec.loss_kwargs)
+    masks = {}
+    if spec.needs_hidden or spec.needs_activations:
+        masks["reward_mask"] = z
+        if spec.independent_masks:
+            masks["kl_mask"] = z
+    out = spec.loss_fn(_loss_batch(spec, batch, z, mask, ref, kl, masks), **spec.loss_kwargs)
     return {k: t.count for k, t in out.terms.items()}
 
 
@@ -308,8 +410,8 @@ def build_step(
     stateful = isinstance(spec.loss, str) and spec.loss in STATEFUL_LOSSES
 
     def micro_loss(params, state, batch, counts, loss_state):
-        logps, ref_logps, kl, mask = _token_stats(spec, state, params, batch)
-        lb = _loss_batch(spec, batch, logps, mask, ref_logps, kl)
+        logps, ref_logps, kl, mask, masks = _token_stats(spec, state, params, batch)
+        lb = _loss_batch(spec, batch, logps, mask, ref_logps, kl, masks)
         kwargs = dict(spec.loss_kwargs)
         if stateful:  # BCO as TRL: fold this batch's rewards in, then delta = running mean
             if loss_state is None:
@@ -362,7 +464,8 @@ def build_step(
         if spec.sync_every:
             sync = (new_state.step % spec.sync_every) == 0
             a = spec.sync_alpha
-            mixed = jax.tree.map(lambda p, r: a * p + (1 - a) * r, new_state.params, state.ref)
+            policy = model_params(new_state)
+            mixed = jax.tree.map(lambda p, r: a * p + (1 - a) * r, policy, state.ref)
             new_state = new_state.replace(ref=keep_if(sync, mixed, state.ref))
         metrics = dict(metrics)
         metrics["loss"] = loss
@@ -382,6 +485,12 @@ def build_step(
         kw = {} if out_shardings is None else {"out_shardings": out_shardings}
         fn = jax.jit(step, donate_argnums=donate_argnums, **kw)
     return fn
+
+
+def model_params(state: TrainState, params=None):
+    """The policy's part of the trainable params (all of them when the state has no heads)."""
+    params = state.params if params is None else params
+    return params["policy"] if state.head_graphdef is not None else params
 
 
 def keep_if(cond, new, old):

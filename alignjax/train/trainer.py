@@ -130,6 +130,24 @@ def add_adapters(cfg: cfg_lib.TrainConfig, model) -> list[str]:
     return adapted
 
 
+def mask_heads(cfg: cfg_lib.TrainConfig, model, spec: S.StepSpec) -> dict:
+    """SparsePO's mask heads (`losses.sparse_mask.SparseMaskHead`) on the model's layers, one
+    per name in `spec.head_names`; dropout off (the step carries no dropout rng)."""
+    from alignjax.losses.sparse_mask import SparseMaskHead
+
+    arch = model.config
+    return {
+        name: SparseMaskHead(
+            arch.num_hidden_layers,
+            arch.hidden_size,
+            variant=cfg.loss.mask_head,
+            dropout=0.0,
+            rngs=nnx.Rngs(cfg.seed + 2 + k),
+        )
+        for k, name in enumerate(spec.head_names)
+    }
+
+
 def build_optimizer(cfg: cfg_lib.TrainConfig):
     """(optax transform, learning-rate schedule) from `cfg.optim` over `cfg.steps` updates."""
     o = cfg.optim
@@ -374,13 +392,17 @@ def setup(cfg: cfg_lib.TrainConfig, *, with_train_data: bool = True) -> Session:
         sync_every=cfg.reference.sync_every,
         sync_alpha=cfg.reference.sync_alpha,
         row_blocks=jax.process_count(),  # each process feeds its own [chosen; rejected] block
+        independent_masks=cfg.loss.independent_masks,
     )
     if cfg.data.packing and (cfg.mesh.pmap or jax.process_count() > 1):
         raise ValueError("packed batches index their host's rows; use data.packing=false with "
                          "mesh.pmap or several processes")  # fmt: skip
     optimizer, schedule = build_optimizer(cfg)
     wrt = peft.AdapterParam if adapted else nnx.Param
-    state = S.init_state(model, optimizer, wrt=wrt, reference=mode, seed=cfg.seed, loss=spec.loss)
+    heads = mask_heads(cfg, model, spec)
+    state = S.init_state(
+        model, optimizer, wrt=wrt, reference=mode, seed=cfg.seed, loss=spec.loss, heads=heads
+    )
     if cfg.reference.path is not None and mode in ("frozen", "precomputed"):
         ref_model = models.load_pretrained(cfg.reference.path)
         if mode == "frozen":

@@ -1,0 +1,121 @@
+"""The compared methods and the `alignjax train` configs of every stage.
+
+Every preference run starts from the SFT run (`init_from`), trains on the same pairs file with
+the same steps, batch, learning-rate schedule, data order and seed; only the loss (and, for the
+LoRA row, the trainable parameters and the reference) differ. Beta grids are per method because
+beta means different things (loss docstrings in `alignjax/losses/`, ../shared/specs/losses.md):
+
+- DPO ("sigmoid"), TDPO2, SparsePO, MaPO: beta scales summed log-ratios inside a sigmoid;
+- IPO ("ipo"): regresses the length-averaged log-ratio margin onto 1 / (2 beta), so a small
+  beta asks for a large per-token margin (weak regularisation);
+- SPPO ("sppo"): regresses each side's summed log-ratio onto (P(y > pi_ref) - 1/2) / beta.
+
+The grids span weak to strong regularisation on this problem (measured KL from ~1 to tens of
+nats at the default budget). TDPO runs as TDPO2 (alpha 0.5, the TDPO authors' recommendation).
+SparsePO: the paper's "all layers" mask head on the reference's hidden states, no L1 penalty (the
+official default), dropout off; "common" uses one mask for the reward and the KL terms, "indp"
+two independent heads. MaPO: the reference's activation mask (MLP, attention, residual groups).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from alignjax.train import config as C
+
+__all__ = ["Method", "METHODS", "QUICK_METHODS", "sft_config", "preference_config"]
+
+LORA_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str  # key in summary.json and run directory prefix
+    label: str  # legend / table label
+    loss: str  # registered loss name
+    betas: tuple[float, ...]
+    independent_masks: bool = False
+    lora: bool = False
+    masks: bool = False  # token masks to analyse (SparsePO / MaPO)
+
+
+METHODS = (
+    Method("dpo", "DPO", "sigmoid", (0.03, 0.1, 0.3)),
+    Method("ipo", "IPO", "ipo", (0.5, 2.0, 8.0)),
+    Method("sppo", "SPPO", "sppo", (0.01, 0.03, 0.1)),
+    Method("tdpo2", "TDPO2", "tdpo2", (0.03, 0.1, 0.3)),
+    Method("sparsepo", "SparsePO (common mask)", "sparsepo", (0.03, 0.1, 0.3), masks=True),
+    Method("sparsepo_indp", "SparsePO (indep. masks)", "sparsepo", (0.03, 0.1, 0.3),
+           independent_masks=True, masks=True),  # fmt: skip
+    Method("mapo", "MaPO", "mapo", (0.03, 0.1, 0.3), masks=True),
+    Method("dpo_lora", "DPO + LoRA", "sigmoid", (0.03, 0.1, 0.3), lora=True),
+)
+# --quick: one beta each, the four methods the test checks.
+QUICK_METHODS = tuple(
+    dataclasses.replace(m, betas=(m.betas[1],))
+    for m in METHODS
+    if m.name in ("dpo", "sppo", "sparsepo", "mapo")
+)
+
+
+def sft_config(out_dir: Path, *, steps: int, seed: int) -> C.TrainConfig:
+    """The reference policy: a random `tiny` Llama trained on the shipped review corpus (as
+    `alignjax demo`'s first stage), exported for the preference runs' `init_from`."""
+    return C.TrainConfig(
+        task="sft",
+        steps=steps,
+        seed=seed,
+        out_dir=str(out_dir),
+        log_every=max(steps // 16, 1),
+        eval_every=0,
+        eval_samples=0,
+        plot=False,
+        model=C.ModelConfig(preset="tiny"),
+        data=C.DataConfig(train="shipped:sft", eval=None, max_length=64, batch_size=32,
+                          buckets=(64,), seed=seed),  # fmt: skip
+        optim=C.OptimConfig(learning_rate=3e-3, warmup_steps=min(20, steps // 4)),
+        checkpoint=C.CheckpointConfig(every=steps, keep=1, asynchronous=False),
+        mesh=C.MeshConfig(devices=1),
+    )
+
+
+def preference_config(
+    method: Method,
+    beta: float,
+    out_dir: Path,
+    *,
+    sft_dir: Path,
+    pairs: Path,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    eval_pairs: Path | None = None,
+    eval_every: int = 0,
+) -> C.TrainConfig:
+    """One preference run; `eval_pairs` turns on held-out metrics every `eval_every` steps
+    (the log-likelihood trajectories)."""
+    peft = C.PeftConfig()
+    if method.lora:
+        peft = C.PeftConfig(method="lora", r=16, alpha=32.0, targets=LORA_TARGETS)
+    return C.TrainConfig(
+        task="paired",
+        steps=steps,
+        seed=seed,
+        out_dir=str(out_dir),
+        log_every=max(steps // 20, 1),
+        eval_every=eval_every if eval_pairs is not None else 0,
+        eval_samples=0,
+        plot=False,
+        init_from=str(sft_dir),
+        loss=C.LossConfig(name=method.loss, beta=beta, independent_masks=method.independent_masks),
+        data=C.DataConfig(train=str(pairs), eval=None if eval_pairs is None else str(eval_pairs),
+                          max_length=64, batch_size=batch_size, eval_batch_size=64,
+                          buckets=(64,), seed=seed),  # fmt: skip
+        optim=C.OptimConfig(learning_rate=learning_rate, warmup_steps=min(10, steps // 4)),
+        peft=peft,
+        reference=C.ReferenceConfig(mode="adapters_disabled" if method.lora else "frozen"),
+        checkpoint=C.CheckpointConfig(every=steps, keep=1, asynchronous=False, export_hf=False),
+        mesh=C.MeshConfig(devices=1),
+    )

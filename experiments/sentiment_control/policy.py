@@ -1,0 +1,153 @@
+"""Policies from runs, sampling, per-token log-probs, gold reward and the Monte-Carlo KL.
+
+KL(pi || pi_ref) of the completion distribution given a prompt x is
+E_{y ~ pi(.|x)} [ sum_t log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) ] over the sampled
+completion tokens (the EOS included when sampled). It is estimated on the policy's own samples
+at temperature 1, M per held-out prompt; both log-probs come from a forward pass of each model
+on the sampled token ids themselves (no re-tokenization), so the reference policy's estimate is
+exactly 0. The sampler's own log-probs (`Generation.logps`) are kept to check the forward pass
+(`logp_check`). Standard errors treat prompts as the independent units: the SE of the mean of
+per-prompt averages (the M samples of one prompt are not independent draws of the population).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignjax import models, peft
+from alignjax.data import synthetic
+from alignjax.train import step as S
+from alignjax.train import trainer
+
+__all__ = ["Samples", "load_run", "sample", "sequence_logps", "evaluate_policy", "mean_se"]
+
+
+@dataclasses.dataclass
+class Samples:
+    """M completions of each of N prompts, row = prompt * M + m."""
+
+    prompt_index: np.ndarray  # [N M]
+    tokens: np.ndarray  # [N M, max_new_tokens] (pad after the stop)
+    lengths: np.ndarray  # [N M] tokens up to and including EOS
+    logps: np.ndarray  # [N M, max_new_tokens] the sampler's log-probs
+    texts: list[str]
+    finished: np.ndarray  # [N M] ended with EOS
+
+
+def load_run(run_dir: str | Path):
+    """(session, policy) of a finished run: the latest checkpoint's state in `session.state`
+    and the policy as a plain model (LoRA adapters merged)."""
+    session = trainer._session_from_run(run_dir, ["data.eval=null"])
+    initial = session.state
+    trainer._restore_latest(session)
+    session.initial_state = initial  # the state before training (the mask heads at init)
+    policy = S.model_of(session.host_state())
+    if session.adapted:
+        policy = peft.unload(policy, merge_first=True)
+    return session, policy
+
+
+def sample(
+    model,
+    prompt_ids: np.ndarray,
+    prompt_mask: np.ndarray,
+    tokenizer,
+    key: jax.Array,
+    *,
+    per_prompt: int,
+    max_new_tokens: int,
+    chunk: int = 256,
+) -> Samples:
+    """`per_prompt` samples at temperature 1 for each prompt, in fixed-size chunks (one compiled
+    shape; the last chunk is padded with repeated rows) with key `fold_in(key, chunk index)`."""
+    ids = np.repeat(prompt_ids, per_prompt, axis=0)
+    mask = np.repeat(prompt_mask, per_prompt, axis=0)
+    n = ids.shape[0]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or 0
+    parts = []
+    for k, start in enumerate(range(0, n, chunk)):
+        rows = np.arange(start, start + chunk) % n
+        gen = models.generate(
+            model,
+            jnp.asarray(ids[rows]),
+            jnp.asarray(mask[rows]),
+            jax.random.fold_in(key, k),
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+            stop_tokens=(eos,),
+            pad_id=pad,
+        )
+        take = min(chunk, n - start)
+        parts.append([np.asarray(x)[:take] for x in gen])
+    tokens, logps, lengths = (np.concatenate(p) for p in zip(*parts))
+    finished = np.array([lengths[i] > 0 and tokens[i, lengths[i] - 1] == eos for i in range(n)])
+    texts = [tokenizer.decode(tokens[i, : lengths[i]].tolist(), skip_special_tokens=True)
+             for i in range(n)]  # fmt: skip
+    index = np.repeat(np.arange(prompt_ids.shape[0]), per_prompt)
+    return Samples(index, tokens, lengths, logps, texts, finished)
+
+
+@functools.partial(nnx.jit, static_argnames=("n_new",))
+def _token_logps(model, ids, mask, n_new):
+    out = model(ids, mask)
+    logits = model.logits(out.last_hidden_state[:, -n_new - 1 : -1]).astype(jnp.float32)
+    logps = jax.nn.log_softmax(logits, -1)
+    return jnp.take_along_axis(logps, ids[:, -n_new:, None], -1)[..., 0]
+
+
+def sequence_logps(
+    model, prompt_ids: np.ndarray, prompt_mask: np.ndarray, s: Samples, chunk: int = 256
+) -> np.ndarray:
+    """Per-token log-probs `[N M, max_new_tokens]` of the sampled completions under `model`
+    (0 after each completion's end), by a forward pass on left-padded prompt + completion."""
+    n, n_new = s.tokens.shape
+    ids = np.concatenate([prompt_ids[s.prompt_index], s.tokens], axis=1).astype(np.int32)
+    inside = np.arange(n_new)[None, :] < s.lengths[:, None]
+    mask = np.concatenate([prompt_mask[s.prompt_index], inside], axis=1).astype(np.int32)
+    out = []
+    for start in range(0, n, chunk):
+        rows = np.arange(start, start + chunk) % n
+        lp = np.asarray(_token_logps(model, jnp.asarray(ids[rows]), jnp.asarray(mask[rows]), n_new=n_new))
+        out.append(lp[: min(chunk, n - start)])
+    return np.where(inside, np.concatenate(out), 0.0)
+
+
+def mean_se(values: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+    """Mean of `values` and the standard error of the mean of the per-group means."""
+    values = np.asarray(values, np.float64)
+    per_group = np.array([values[groups == g].mean() for g in np.unique(groups)])
+    se = per_group.std(ddof=1) / np.sqrt(len(per_group)) if len(per_group) > 1 else float("nan")
+    return float(values.mean()), float(se)
+
+
+def evaluate_policy(policy, reference, prompt_ids, prompt_mask, tokenizer, key, *, per_prompt,
+                    max_new_tokens, ref_logps_fn=None) -> tuple[dict, Samples]:  # fmt: skip
+    """Gold reward and KL(policy || reference) on samples of the held-out prompts."""
+    s = sample(policy, prompt_ids, prompt_mask, tokenizer, key, per_prompt=per_prompt,
+               max_new_tokens=max_new_tokens)  # fmt: skip
+    own = sequence_logps(policy, prompt_ids, prompt_mask, s)
+    ref = own if policy is reference else sequence_logps(reference, prompt_ids, prompt_mask, s)
+    kl = (own - ref).sum(axis=1)
+    rewards = np.array([synthetic.sentiment_score(t) for t in s.texts], np.float64)
+    inside = np.arange(s.tokens.shape[1])[None, :] < s.lengths[:, None]
+    r_mean, r_se = mean_se(rewards, s.prompt_index)
+    kl_mean, kl_se = mean_se(kl, s.prompt_index)
+    result = dict(
+        reward=r_mean,
+        reward_se=r_se,
+        kl=kl_mean,
+        kl_se=kl_se,
+        samples=int(len(rewards)),
+        mean_length=float(s.lengths.mean()),
+        finished=float(s.finished.mean()),
+        distinct=len(set(s.texts)) / len(s.texts),
+        logp_check=float(np.max(np.abs(np.where(inside, own - s.logps, 0.0)))),
+    )
+    return result, s

@@ -69,8 +69,9 @@ def test_torch_is_only_an_exact_ref_pin():
 
 def test_readme_commands_and_ci():
     main, tests = _readme_block("main-command"), _readme_block("test-command")
-    assert main.endswith(".venv/bin/alignjax demo")  # the console script setup.py declares
-    assert "alignjax = alignjax.cli:main" in (ROOT / "setup.py").read_text()
+    assert main.endswith(".venv/bin/python -m experiments.sentiment_control.study")
+    assert (ROOT / "experiments" / "sentiment_control" / "study.py").exists()
+    assert "alignjax = alignjax.cli:main" in (ROOT / "setup.py").read_text()  # alignjax demo
     assert '".[dev]"' in tests and "pytest" in tests
     for cmd in (main, tests):
         assert cmd.startswith("python3 -m venv .venv && ")

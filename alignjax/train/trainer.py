@@ -454,8 +454,8 @@ def setup(cfg: cfg_lib.TrainConfig, *, with_train_data: bool = True) -> Session:
         put_batch = lambda b: SH.shard_batch(b, mesh)  # noqa: E731
     else:
         placement = L.Placement()
-        if devices[0] != jax.devices()[0]:
-            state = jax.device_put(state, devices[0])
+        # Committed, like the state every step returns: otherwise step 2 compiles again.
+        state = jax.device_put(state, devices[0])
         step_fn = S.build_step(spec, optimizer, learning_rate=schedule)
         put_batch = lambda b: jax.device_put(b, devices[0])  # noqa: E731
     return Session(

@@ -66,7 +66,10 @@ def lexicon() -> frozenset[str]:
 
 
 def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)  # no overflow for very negative x (a tiny tau)
+    return z / (1.0 + z)
 
 
 def win_probabilities(rewards: Sequence[float], tau: float) -> list[float]:
@@ -86,17 +89,21 @@ def make_pairs(
     """Preference rows from K scored completions per prompt, labelled by a Bradley-Terry draw.
 
     Every unordered pair of distinct completions with different rewards is a candidate
-    (`pairs_per_prompt`: keep a random subset of that many per prompt, None: all). Returns the
-    rows (prompt, chosen, rejected, chosen_win_prob, rejected_win_prob, chosen_score,
-    rejected_score) and counts: candidate pairs, ties dropped, rows, label noise (rows whose
-    chosen completion has the lower gold reward) and its expected value under the BT model.
+    (`pairs_per_prompt`: keep a random subset of that many per prompt, None: all); pairs with
+    an empty completion are dropped too. Returns the rows (prompt, chosen, rejected,
+    chosen_win_prob, rejected_win_prob, chosen_score, rejected_score) and counts: rows, ties and
+    empty pairs dropped, label noise (rows whose chosen completion has the lower gold reward)
+    and its expected value under the BT model.
     """
     rng = random.Random(f"sentiment-pairs-{seed}")
-    rows, ties, expected_noise = [], 0, 0.0
+    rows, ties, empty, expected_noise = [], 0, 0, 0.0
     for prompt, texts, scores in zip(prompts, completions, rewards, strict=True):
         wins = win_probabilities(scores, tau)
         candidates = []
         for i, j in itertools.combinations(range(len(texts)), 2):
+            if not texts[i].strip() or not texts[j].strip():
+                empty += 1  # the sampler stopped at once: no completion to train on
+                continue
             if scores[i] == scores[j] or texts[i] == texts[j]:
                 ties += scores[i] == scores[j]
                 continue
@@ -122,6 +129,7 @@ def make_pairs(
     stats = dict(
         pairs=len(rows),
         ties_dropped=int(ties),
+        empty_dropped=int(empty),
         label_noise_rate=noisy / max(len(rows), 1),
         expected_label_noise_rate=expected_noise / max(len(rows), 1),
         tau=tau,

@@ -8,12 +8,16 @@ on the sampled token ids themselves (no re-tokenization), so the reference polic
 exactly 0. The sampler's own log-probs (`Generation.logps`) are kept to check the forward pass
 (`logp_check`). Standard errors treat prompts as the independent units: the SE of the mean of
 per-prompt averages (the M samples of one prompt are not independent draws of the population).
+The gold reward counts lexicon words, so it grows with the number of sentiment sentences a
+completion has; `positive_share` (positive / all lexicon words over the samples) is the
+length-free view of the same preference.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from pathlib import Path
 
 import jax
@@ -26,7 +30,15 @@ from alignjax.data import synthetic
 from alignjax.train import step as S
 from alignjax.train import trainer
 
-__all__ = ["Samples", "load_run", "sample", "sequence_logps", "evaluate_policy", "mean_se"]
+__all__ = [
+    "Samples",
+    "load_run",
+    "on_device",
+    "sample",
+    "sequence_logps",
+    "evaluate_policy",
+    "mean_se",
+]
 
 
 @dataclasses.dataclass
@@ -41,17 +53,30 @@ class Samples:
     finished: np.ndarray  # [N M] ended with EOS
 
 
-def load_run(run_dir: str | Path):
+def load_run(run_dir: str | Path, like: nnx.Module):
     """(session, policy) of a finished run: the latest checkpoint's state in `session.state`
-    and the policy as a plain model (LoRA adapters merged)."""
+    (the state before training in `session.initial_state`) and the policy as a plain model
+    (LoRA adapters merged) with the graph definition of `like` (the reference model).
+
+    Why `like` and `on_device`: the trainer builds models with `param_dtype=jnp.dtype(
+    "float32")` and `models.load_pretrained` with `jnp.float32`, two graph definitions that
+    compare equal but hash differently; and restored arrays are committed to a device where
+    loaded ones are not. Either difference makes `nnx.jit` (the sampler) compile again for every
+    policy (4 s each)."""
     session = trainer._session_from_run(run_dir, ["data.eval=null"])
     initial = session.state
     trainer._restore_latest(session)
-    session.initial_state = initial  # the state before training (the mask heads at init)
+    session.initial_state = initial
     policy = S.model_of(session.host_state())
     if session.adapted:
         policy = peft.unload(policy, merge_first=True)
-    return session, policy
+    return session, on_device(nnx.merge(nnx.graphdef(like), nnx.state(policy)))
+
+
+def on_device(model: nnx.Module) -> nnx.Module:
+    """The model with its arrays committed to the default device (see `load_run`)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
 
 
 def sample(
@@ -88,8 +113,10 @@ def sample(
         parts.append([np.asarray(x)[:take] for x in gen])
     tokens, logps, lengths = (np.concatenate(p) for p in zip(*parts))
     finished = np.array([lengths[i] > 0 and tokens[i, lengths[i] - 1] == eos for i in range(n)])
-    texts = [tokenizer.decode(tokens[i, : lengths[i]].tolist(), skip_special_tokens=True)
-             for i in range(n)]  # fmt: skip
+    texts = [
+        tokenizer.decode(tokens[i, : lengths[i]].tolist(), skip_special_tokens=True)
+        for i in range(n)
+    ]
     index = np.repeat(np.arange(prompt_ids.shape[0]), per_prompt)
     return Samples(index, tokens, lengths, logps, texts, finished)
 
@@ -114,9 +141,22 @@ def sequence_logps(
     out = []
     for start in range(0, n, chunk):
         rows = np.arange(start, start + chunk) % n
-        lp = np.asarray(_token_logps(model, jnp.asarray(ids[rows]), jnp.asarray(mask[rows]), n_new=n_new))
+        lp = np.asarray(
+            _token_logps(model, jnp.asarray(ids[rows]), jnp.asarray(mask[rows]), n_new=n_new)
+        )
         out.append(lp[: min(chunk, n - start)])
     return np.where(inside, np.concatenate(out), 0.0)
+
+
+_WORD = re.compile(r"[a-z]+")
+_POSITIVE = frozenset(synthetic.POSITIVE + synthetic.POSITIVE_VERBS)
+_NEGATIVE = frozenset(synthetic.NEGATIVE + synthetic.NEGATIVE_VERBS)
+
+
+def lexicon_counts(text: str) -> tuple[int, int]:
+    """(# positive, # negative) lexicon words: the two terms of `sentiment_score`."""
+    words = _WORD.findall(text.lower())
+    return sum(w in _POSITIVE for w in words), sum(w in _NEGATIVE for w in words)
 
 
 def mean_se(values: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
@@ -127,15 +167,29 @@ def mean_se(values: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(se)
 
 
-def evaluate_policy(policy, reference, prompt_ids, prompt_mask, tokenizer, key, *, per_prompt,
-                    max_new_tokens, ref_logps_fn=None) -> tuple[dict, Samples]:  # fmt: skip
+def evaluate_policy(
+    policy,
+    reference,
+    prompt_ids,
+    prompt_mask,
+    tokenizer,
+    key,
+    *,
+    per_prompt: int,
+    max_new_tokens: int,
+    chunk: int = 256,
+) -> tuple[dict, Samples]:
     """Gold reward and KL(policy || reference) on samples of the held-out prompts."""
     s = sample(policy, prompt_ids, prompt_mask, tokenizer, key, per_prompt=per_prompt,
-               max_new_tokens=max_new_tokens)  # fmt: skip
-    own = sequence_logps(policy, prompt_ids, prompt_mask, s)
-    ref = own if policy is reference else sequence_logps(reference, prompt_ids, prompt_mask, s)
+               max_new_tokens=max_new_tokens, chunk=chunk)  # fmt: skip
+    own = sequence_logps(policy, prompt_ids, prompt_mask, s, chunk)
+    if policy is reference:
+        ref = own
+    else:
+        ref = sequence_logps(reference, prompt_ids, prompt_mask, s, chunk)
     kl = (own - ref).sum(axis=1)
     rewards = np.array([synthetic.sentiment_score(t) for t in s.texts], np.float64)
+    pos, neg = np.sum([lexicon_counts(t) for t in s.texts], axis=0)
     inside = np.arange(s.tokens.shape[1])[None, :] < s.lengths[:, None]
     r_mean, r_se = mean_se(rewards, s.prompt_index)
     kl_mean, kl_se = mean_se(kl, s.prompt_index)
@@ -148,6 +202,7 @@ def evaluate_policy(policy, reference, prompt_ids, prompt_mask, tokenizer, key, 
         mean_length=float(s.lengths.mean()),
         finished=float(s.finished.mean()),
         distinct=len(set(s.texts)) / len(s.texts),
+        positive_share=float(pos / max(pos + neg, 1)),
         logp_check=float(np.max(np.abs(np.where(inside, own - s.logps, 0.0)))),
     )
     return result, s

@@ -1,0 +1,346 @@
+"""Controlled sentiment generation: reward vs KL of DPO, IPO, SPPO, TDPO, SparsePO, MaPO and
+DPO + LoRA, and where SparsePO's / MaPO's token masks put their weight.
+
+The claim (Christopoulou et al. 2024, SparsePO, arXiv:2410.05102): learned sparse token masks
+reach a better reward-vs-KL frontier than DPO on controlled sentiment generation, and the masks
+weight the tokens that carry the preference. Here at small scale, self-contained (no download):
+
+1. Reference policy: a random `tiny` Llama (2 layers, width 64) SFT-trained on the shipped
+   synthetic reviews (`alignjax/data/synthetic.py`), as `alignjax demo`'s first stage.
+2. Data: review openings as prompts (train and held-out sets disjoint); K completions per train
+   prompt sampled from the reference at temperature 1; gold reward `synthetic.sentiment_score`
+   (lexicon balance) of the completion; pairs labelled by a Bradley-Terry draw with temperature
+   `tau` (label noise measured), SPPO's win probabilities from the same gold model (`data.py`).
+   Held-out pairs come the same way from the reference's samples on the held-out prompts.
+3. Every method x beta trains on the same pairs with the same budget (`methods.py`).
+4. Each policy (and the reference) samples M completions per held-out prompt at temperature 1
+   (the same random keys for every policy): mean gold reward, and KL(pi || pi_ref) per
+   completion by Monte Carlo on the policy's own samples, each with its standard error
+   (`policy.py`).
+5. Masks of SparsePO (common / independent) and MaPO on held-out completions: lexicon vs
+   neutral tokens, exact zeros, a figure (`masks.py`).
+6. Held-out chosen / rejected log-likelihoods during training, DPO against SPPO (`report.py`).
+
+    python -m experiments.sentiment_control.study            # ~7 min on 2 CPU cores
+    python -m experiments.sentiment_control.study --quick    # ~1 min, a smoke test
+
+Writes to --out (default experiments/results/sentiment_control): summary.json, table.md,
+frontier.png, masks.png, trajectories.png; the runs (checkpoints, pairs files) under
+<out>/runs, which is git-ignored and replaced on every invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from alignjax import data as D
+from alignjax import models
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # `python experiments/sentiment_control/study.py` works too
+    sys.path.insert(0, str(REPO))
+
+from experiments.sentiment_control import data as SD  # noqa: E402
+from experiments.sentiment_control import masks as MK  # noqa: E402
+from experiments.sentiment_control import methods as ME  # noqa: E402
+from experiments.sentiment_control import policy as P  # noqa: E402
+from experiments.sentiment_control import report as R  # noqa: E402
+
+OUT = REPO / "experiments" / "results" / "sentiment_control"
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    seed: int = 0
+    sft_steps: int = 400
+    train_prompts: int = 320
+    samples_per_prompt: int = 4  # K completions per train prompt
+    tau: float = 1.0  # Bradley-Terry temperature of the labels
+    heldout_prompts: int = 128
+    eval_samples: int = 4  # M completions per held-out prompt and policy
+    heldout_pairs_per_prompt: int = 2
+    max_new_tokens: int = 40
+    sample_chunk: int = 256  # rows per sampler call (one compiled shape)
+    prompt_length: int = 24  # prompts are left-padded to this (they have <= 18 tokens)
+    max_length: int = 64  # prompt + completion in training (one compiled shape)
+    steps: int = 100
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    trajectory_every: int = 10
+    mask_examples: int = 4  # completions per method in masks.png
+    methods: tuple[ME.Method, ...] = ME.METHODS
+
+    def runs(self) -> list[tuple[ME.Method, float]]:
+        return [(m, b) for m in self.methods for b in m.betas]
+
+
+QUICK = Study(
+    sft_steps=100,
+    train_prompts=64,
+    heldout_prompts=32,
+    eval_samples=2,
+    sample_chunk=64,
+    steps=30,
+    batch_size=8,
+    trajectory_every=5,
+    methods=ME.QUICK_METHODS,
+)
+TRAJECTORIES = ("dpo", "sppo")  # their middle beta logs held-out metrics
+
+
+def _pairs(prompts, s: P.Samples, per_prompt: int, **kw) -> tuple[list[dict], dict]:
+    """Gold rewards of the samples, then the Bradley-Terry pairs of each prompt's samples."""
+    rewards = [SD.synthetic.sentiment_score(t) for t in s.texts]
+    group = [slice(i * per_prompt, (i + 1) * per_prompt) for i in range(len(prompts))]
+    rows, stats = SD.make_pairs(
+        prompts, [s.texts[g] for g in group], [rewards[g] for g in group], **kw
+    )
+    stats.update(
+        prompts=len(prompts),
+        samples_per_prompt=per_prompt,
+        sample_reward_mean=float(np.mean(rewards)),
+        samples_ended_with_eos=float(s.finished.mean()),
+    )
+    return rows, stats
+
+
+def build_data(study: Study, sft_dir: Path, data_dir: Path) -> dict:
+    """Stage 2: prompts, reference samples, gold rewards, BT pairs (train and held-out), and
+    the reference policy's own evaluation on the held-out prompts (its samples are the
+    held-out pairs' completions)."""
+    tok = D.shipped_tokenizer()
+    ref = P.on_device(models.load_pretrained(sft_dir / "export" / "merged"))
+    train_prompts = SD.draw_prompts("train", study.train_prompts, study.seed)
+    heldout = SD.draw_prompts(
+        "heldout", study.heldout_prompts, study.seed, frozenset(train_prompts)
+    )
+    if set(train_prompts) & set(heldout):
+        raise AssertionError("train and held-out prompts overlap")
+    key = jax.random.key(study.seed)
+    ids, mask = SD.encode_prompts(tok, train_prompts, study.prompt_length)
+    k, m = study.samples_per_prompt, study.eval_samples
+    gen = dict(max_new_tokens=study.max_new_tokens, chunk=study.sample_chunk)
+    s = P.sample(ref, ids, mask, tok, jax.random.fold_in(key, 0), per_prompt=k, **gen)
+    rows, stats = _pairs(train_prompts, s, k, tau=study.tau, seed=study.seed)
+    SD.write_jsonl(data_dir / "train_pairs.jsonl", rows)
+
+    heldout_ids = SD.encode_prompts(tok, heldout, study.prompt_length)
+    eval_key = jax.random.fold_in(key, 1)
+    reference, hs = P.evaluate_policy(ref, ref, *heldout_ids, tok, eval_key, per_prompt=m, **gen)
+    hrows, hstats = _pairs(heldout, hs, m, tau=study.tau, seed=study.seed + 1,
+                           pairs_per_prompt=study.heldout_pairs_per_prompt)  # fmt: skip
+    SD.write_jsonl(data_dir / "heldout_pairs.jsonl", hrows)
+    examples = [dict(prompt=heldout[hs.prompt_index[i]], completion=hs.texts[i]) for i in range(3)]
+    return dict(train=stats, heldout=hstats, reference=reference, examples=examples,
+                tokenizer=tok, model=ref, heldout_ids=heldout_ids, eval_key=eval_key)  # fmt: skip
+
+
+def _mask_rows(method, beta, session, batches, tok, examples_wanted):
+    """Mask statistics of a run: the trained masks, and for the first beta of a SparsePO
+    variant its heads at initialisation (the control; the same for every beta). MaPO's mask
+    is a function of the reference alone, so only one of its runs is analysed."""
+    first = beta == method.betas[0]
+    if method.loss == "mapo":
+        states = [("reference activations", session.state)] if first else []
+    else:
+        states = [("trained", session.state)] + ([("init", session.initial_state)] if first else [])
+    rows, examples = [], []
+    for name, state in states:
+        stats, ex = MK.mask_stats(
+            session, state, batches, tok, keep_examples=examples_wanted if name != "init" else 0
+        )
+        examples = examples or ex
+        for mask_name, s in stats.items():
+            rows.append(
+                dict(
+                    method=method.name,
+                    label=method.label,
+                    beta=beta,
+                    mask=mask_name.removesuffix("_mask"),
+                    state=name,
+                    stats=s,
+                )
+            )
+    return rows, examples
+
+
+def run_all(study: Study, out: Path, *, progress: bool = True) -> dict:
+    t_start = time.perf_counter()
+    work = out / "runs"
+    shutil.rmtree(work, ignore_errors=True)  # runs resume from checkpoints: start afresh
+    work.mkdir(parents=True)
+    (work / ".gitignore").write_text("*\n")
+    seconds = {}
+
+    sft_dir = work / "sft"
+    print(f"[1/6] SFT of the reference policy ({study.sft_steps} steps)", flush=True)
+    seconds["sft"] = ME.train_run(ME.sft_config(sft_dir, steps=study.sft_steps, seed=study.seed))
+
+    print("[2/6] sampling the reference, gold rewards, Bradley-Terry pairs", flush=True)
+    t0 = time.perf_counter()
+    d = build_data(study, sft_dir, work / "data")
+    seconds["data"] = time.perf_counter() - t0
+    tok, ref, eval_key = d["tokenizer"], d["model"], d["eval_key"]
+    hids, hmask = d["heldout_ids"]
+    reference = dict(d["reference"], train_seconds=seconds["sft"])
+    print(
+        f"      {d['train']['pairs']} train pairs (label noise "
+        f"{d['train']['label_noise_rate']:.3f}), {d['heldout']['pairs']} held-out pairs; "
+        f"reference reward {reference['reward']:.2f} ± {reference['reward_se']:.2f}",
+        flush=True,
+    )
+
+    print(f"[3-5/6] {len(study.runs())} preference runs: train, evaluate, masks", flush=True)
+    sample_kw = dict(
+        per_prompt=study.eval_samples,
+        max_new_tokens=study.max_new_tokens,
+        chunk=study.sample_chunk,
+    )
+    runs, mask_rows, mask_panels, curves = [], [], [], {}
+    batches = None
+    bar = tqdm(study.runs(), desc="runs", unit="run", disable=not progress, position=0)
+    for method, beta in bar:
+        name = f"{method.name}_beta{beta:g}"
+        middle = method.betas[len(method.betas) // 2]
+        traj = method.name in TRAJECTORIES and beta == middle
+        cfg = ME.preference_config(
+            method,
+            beta,
+            work / name,
+            sft_dir=sft_dir,
+            pairs=work / "data" / "train_pairs.jsonl",
+            steps=study.steps,
+            batch_size=study.batch_size,
+            learning_rate=study.learning_rate,
+            seed=study.seed,
+            eval_pairs=work / "data" / "heldout_pairs.jsonl" if traj else None,
+            eval_every=study.trajectory_every,
+        )
+        train_s = ME.train_run(cfg)
+        t0 = time.perf_counter()
+        session, policy = P.load_run(work / name, ref)
+        result, s = P.evaluate_policy(policy, ref, hids, hmask, tok, eval_key, **sample_kw)
+        run = dict(method=method.name, label=method.label, loss=method.loss, beta=beta,
+                   trained="LoRA r16" if method.lora else "full", train_seconds=train_s,
+                   **result, examples=s.texts[:3])  # fmt: skip
+        if traj:
+            curves[method.label] = work / name / "metrics.jsonl"
+        if method.masks:
+            if batches is None:
+                batches = MK.load_pairs(
+                    work / "data" / "heldout_pairs.jsonl", session, length=study.max_length
+                )
+            rows, examples = _mask_rows(method, beta, session, batches, tok, study.mask_examples)
+            mask_rows += rows
+            panel = beta == method.betas[0] if method.loss == "mapo" else beta == middle
+            if panel:
+                what = "any beta" if method.loss == "mapo" else f"beta {beta:g}, trained"
+                for mask in ("reward", "kl") if method.independent_masks else ("reward",):
+                    title = f"{method.label} ({what}): {mask} mask"
+                    mask_panels.append((title, examples, f"{mask}_mask"))
+        run["eval_seconds"] = time.perf_counter() - t0
+        runs.append(run)
+        bar.write(
+            f"  {method.label:24s} beta {beta:<6g} reward {run['reward']:+.2f} ± "
+            f"{run['reward_se']:.2f}  KL {run['kl']:6.2f} ± {run['kl_se']:.2f}  "
+            f"({train_s:.0f} s + {run['eval_seconds']:.0f} s)"
+        )
+        del session, policy
+    bar.close()
+    seconds["preference_runs"] = sum(r["train_seconds"] + r["eval_seconds"] for r in runs)
+
+    print("[6/6] tables and figures", flush=True)
+    R.dpo_frontier_gap(runs, reference)
+    figures = dict(
+        frontier=R.plot_frontier(runs, reference, study.methods, out / "frontier.png"),
+        masks=MK.plot_masks(mask_panels, out / "masks.png"),
+        trajectories=R.plot_trajectories(curves, out / "trajectories.png"),
+    )
+    table = R.runs_table(runs, reference)
+    mtable = R.masks_table(mask_rows)
+    verdict = R.verdict(runs, mask_rows, study.methods)
+    seconds["total"] = time.perf_counter() - t_start
+    (out / "table.md").write_text(f"{table}\n\n{mtable}\n")
+    summary = dict(
+        config=_config_dict(study),
+        data=dict(train=d["train"], heldout=d["heldout"], reference_examples=d["examples"]),
+        reference=reference,
+        runs=runs,
+        masks=mask_rows,
+        frontier=R.frontier_means(runs),
+        verdict=verdict,
+        figures={k: v.name for k, v in figures.items()},  # relative to the results folder
+        seconds=seconds,
+        versions=dict(jax=jax.__version__),
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    return summary | dict(table=table, masks_table=mtable)
+
+
+def _config_dict(study: Study) -> dict:
+    cfg = dataclasses.asdict(study)
+    cfg["methods"] = [dataclasses.asdict(m) for m in study.methods]
+    return cfg
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(
+        description="SparsePO controlled-sentiment study: reward vs KL of preference methods "
+        "on the synthetic review language, and where token masks put their weight."
+    )
+    ap.add_argument("--out", type=Path, default=OUT, help=f"results folder (default {OUT})")
+    ap.add_argument("--quick", action="store_true", help="a small configuration (~1 min)")
+    ap.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help="run only these (comma-separated): " + ",".join(m.name for m in ME.METHODS),
+    )
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    study = dataclasses.replace(QUICK if args.quick else Study(), seed=args.seed)
+    if args.methods:
+        names = args.methods.split(",")
+        known = {m.name: ME.middle_beta(m) if args.quick else m for m in ME.METHODS}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            ap.error(f"unknown methods {unknown}; choose from {sorted(known)}")
+        study = dataclasses.replace(study, methods=tuple(known[n] for n in names))
+    args.out.mkdir(parents=True, exist_ok=True)
+    import datasets
+
+    datasets.disable_progress_bars()
+    summary = run_all(study, args.out, progress=not args.no_progress)
+    print(f"\n{summary['table']}\n\n{summary['masks_table']}\n")
+    print("\n".join(summary["verdict"]))
+    print(
+        f"\nlabel noise of the train pairs: {summary['data']['train']['label_noise_rate']:.3f} "
+        f"(tau {study.tau:g})"
+    )
+    for name, path in summary["figures"].items():
+        print(f"{name}: {args.out / path}")
+    print(f"summary: {args.out / 'summary.json'}\ntable: {args.out / 'table.md'}")
+    print(f"wall time {summary['seconds']['total']:.0f} s")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""experiments/sentiment_control (issue 8): the --quick study end to end, its outputs, and the
+pieces it is built from (prompts, Bradley-Terry pairs, SPPO win probabilities, KL estimates)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `experiments` is imported from the checkout
+    sys.path.insert(0, str(ROOT))
+
+from experiments.sentiment_control import data as SD  # noqa: E402
+from experiments.sentiment_control import study  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+RUN_KEYS = {"method", "beta", "trained", "reward", "reward_se", "kl", "kl_se", "train_seconds",
+            "logp_check", "positive_share", "mean_length", "vs_dpo"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sentiment_control")
+    summary = study.main(["--quick", "--out", str(out), "--no-progress"])
+    return out, summary
+
+
+def test_quick_study_writes_well_formed_outputs(quick):
+    out, _ = quick
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("config", "data", "reference", "runs", "masks", "frontier", "verdict", "figures"):
+        assert key in summary, key
+    for name in ("frontier", "masks", "trajectories"):
+        path = out / f"{name}.png"
+        assert summary["figures"][name] == path.name
+        assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000, name
+    runs = summary["runs"]
+    assert {r["method"] for r in runs} == {"dpo", "sppo", "sparsepo", "mapo"}
+    for r in runs:
+        assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
+        for key in ("reward", "reward_se", "kl", "kl_se", "train_seconds", "mean_length"):
+            assert math.isfinite(r[key]), (r["method"], key, r[key])
+        assert r["reward_se"] > 0 and r["kl_se"] > 0
+    # table.md: the reference row and one row per run, then the mask table.
+    runs_table = (out / "table.md").read_text().split("\n\n")[0].splitlines()
+    body = runs_table[2:]
+    assert len(body) == 1 + len(runs) and body[0].startswith("| reference (SFT) |")
+    for row, r in zip(body[1:], runs):
+        assert row.startswith(f"| {r['label']} | {r['beta']:g} |")
+    data = summary["data"]["train"]
+    assert data["pairs"] > 100 and 0.0 <= data["label_noise_rate"] < 0.5
+    assert summary["data"]["heldout"]["pairs"] > 0
+    assert (out / "runs" / "data" / "train_pairs.jsonl").is_file()
+
+
+def test_trained_policies_beat_the_reference_and_kl_is_sane(quick):
+    _, summary = quick
+    ref = summary["reference"]
+    assert ref["kl"] == 0.0 and ref["kl_se"] == 0.0  # the same forward pass on both sides
+    runs = {r["method"]: r for r in summary["runs"]}
+    dpo = runs["dpo"]
+    assert dpo["reward"] - ref["reward"] > 2 * math.hypot(dpo["reward_se"], ref["reward_se"])
+    for r in runs.values():
+        assert r["reward"] > ref["reward"], r["method"]
+        assert r["kl"] > 0.1, r["method"]  # trained policies moved away from the reference
+        # The sampler's log-probs of its own tokens = a forward pass of the policy on them.
+        assert r["logp_check"] < 1e-4, (r["method"], r["logp_check"])
+    assert ref["logp_check"] < 1e-4
+
+
+def test_mask_statistics(quick):
+    _, summary = quick
+    rows = summary["masks"]
+    kinds = {(r["method"], r["mask"], r["state"]) for r in rows}
+    assert kinds == {("sparsepo", "reward", "trained"), ("sparsepo", "reward", "init"),
+                     ("mapo", "reward", "reference activations")}  # fmt: skip
+    for r in rows:
+        s = r["stats"]
+        assert 0.0 <= s["zero_fraction"] <= 1.0
+        assert s["tokens_lexicon"] > 0 and s["tokens_neutral"] > 0
+        assert min(s["lexicon"], s["neutral"]) >= 0.0
+    mapo = next(r["stats"] for r in rows if r["method"] == "mapo")
+    assert mapo["zero_fraction"] < 0.2 and max(mapo["lexicon"], mapo["neutral"]) <= 1.0
+
+
+def test_pair_generation_is_reproducible(quick, tmp_path):
+    """The same seed gives byte-identical pairs files (sampling, rewards, BT draws)."""
+    out, _ = quick
+    cfg = study.QUICK
+    first = study.build_data(cfg, out / "runs" / "sft", tmp_path / "a")
+    study.build_data(cfg, out / "runs" / "sft", tmp_path / "b")
+    for name in ("train_pairs.jsonl", "heldout_pairs.jsonl"):
+        a = (tmp_path / "a" / name).read_bytes()
+        assert a == (tmp_path / "b" / name).read_bytes()
+        assert a == (out / "runs" / "data" / name).read_bytes()
+    rows = [json.loads(line) for line in (tmp_path / "a" / "train_pairs.jsonl").open()]
+    assert len(rows) == first["train"]["pairs"]
+    for row in rows:
+        assert row["chosen"] != row["rejected"] and row["chosen_score"] != row["rejected_score"]
+
+
+def test_prompts_are_disjoint_and_seeded():
+    train = SD.draw_prompts("train", 200, 0)
+    heldout = SD.draw_prompts("heldout", 100, 0, frozenset(train))
+    assert len(set(train)) == 200 and len(set(heldout)) == 100 and not set(train) & set(heldout)
+    assert SD.draw_prompts("train", 200, 0) == train
+    assert SD.draw_prompts("train", 200, 1) != train
+
+
+def test_bradley_terry_pairs_and_win_probabilities():
+    prompts = ["p0", "p1"]
+    texts = [[" a", " b", " c"], [" d", " e", " f"]]
+    scores = [[2, -1, 2], [0, 1, 3]]
+    tau = 0.5
+    rows, stats = SD.make_pairs(prompts, texts, scores, tau=tau, seed=0)
+    # p0: (a, c) tie dropped; p1: all three pairs differ.
+    assert stats["pairs"] == 5 and stats["ties_dropped"] == 1
+    sig = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+    for r in scores:
+        win = SD.win_probabilities(r, tau)
+        expected = [np.mean([sig((a - b) / tau) for b in r]) for a in r]
+        np.testing.assert_allclose(win, expected, rtol=1e-12)
+        assert win[int(np.argmax(r))] > 0.5 > win[int(np.argmin(r))]
+    for row in rows:
+        k = texts[prompts.index(row["prompt"])]
+        s = scores[prompts.index(row["prompt"])]
+        w = SD.win_probabilities(s, tau)
+        assert row["chosen_win_prob"] == w[k.index(row["chosen"])]
+        assert row["rejected_win_prob"] == w[k.index(row["rejected"])]
+    # Label noise follows the BT model: almost none at a tiny temperature, half at a huge one.
+    many = [[float(i % 5) for i in range(8)]] * 300
+    names = [f"q{i}" for i in range(300)]
+    words = [[f" w{j}" for j in range(8)]] * 300
+    _, cold = SD.make_pairs(names, words, many, tau=1e-3, seed=0)
+    _, hot = SD.make_pairs(names, words, many, tau=1e3, seed=0)
+    assert cold["label_noise_rate"] == 0.0
+    assert abs(hot["label_noise_rate"] - 0.5) < 0.03
+    assert abs(hot["expected_label_noise_rate"] - 0.5) < 1e-3

@@ -15,7 +15,8 @@ log again) so that neither file keeps the rows of the steps it repeats.
 
 Under multi-process JAX only process 0 writes or draws; the other processes get no-op objects,
 so the training loop needs no `if jax.process_index() == 0`. Converting a device scalar to a
-float waits for it: log every few steps, not every step, in a fast loop.
+float waits for it: log every few steps, not every step, in a fast loop. `plot_curves` draws a
+run's metrics.jsonl as a PNG (loss, reward accuracy and margins, log-probs, NLL).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-__all__ = ["MetricsWriter", "Progress", "read_jsonl"]
+__all__ = ["MetricsWriter", "Progress", "read_jsonl", "plot_curves"]
 
 _RESERVED = ("step", "nonfinite")
 
@@ -233,3 +234,40 @@ def _purge_jsonl(path: Path, purge_step: int) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def plot_curves(metrics_path: str | Path, png: str | Path) -> Path:
+    """A PNG of loss, reward accuracy / margins and eval metrics against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(metrics_path)
+    panels = [
+        ("loss", ["train/loss", "eval/loss"]),
+        ("reward accuracy", ["train/rewards/accuracies", "eval/rewards/accuracies"]),
+        ("reward margin", ["train/rewards/margins", "eval/rewards/margins"]),
+        ("log-prob", ["train/logps/chosen", "train/logps/rejected", "eval/logps/chosen",
+                      "eval/logps/rejected"]),
+        ("NLL", ["train/nll/chosen", "eval/nll", "eval/nll/chosen"]),
+    ]  # fmt: skip
+    panels = [(t, [k for k in keys if any(k in r for r in rows)]) for t, keys in panels]
+    panels = [(t, keys) for t, keys in panels if keys]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.2))
+    axes = np.atleast_1d(axes)
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+            pts = [(s, v) for s, v in pts if isinstance(v, (int, float)) and math.isfinite(v)]
+            if pts:
+                style = "o-" if key.startswith("eval/") else "-"
+                ax.plot(*zip(*pts), style, label=key, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = Path(png)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from alignjax.train import reference as R
 from alignjax.train import sharding as SH
 from alignjax.train import step as S
 
-__all__ = ["PRESETS", "Session", "setup", "train", "evaluate_run", "export_run", "plot_curves"]
+__all__ = ["PRESETS", "Session", "setup", "train", "evaluate_run", "export_run"]
 
 log = logging.getLogger(__name__)
 
@@ -573,7 +572,7 @@ def train(cfg: cfg_lib.TrainConfig, *, progress: bool = True) -> dict:
         if cfg.checkpoint.export_hf:
             summary["export"] = export_run(session, out / "export", state=host)
         if cfg.plot:
-            summary["curves"] = str(plot_curves(out / "metrics.jsonl", out / "curves.png"))
+            summary["curves"] = str(M.plot_curves(out / "metrics.jsonl", out / "curves.png"))
         (out / "eval.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -646,40 +645,3 @@ def export_run(
     session.tokenizer.save_pretrained(str(out / "merged"))
     paths["merged"] = str(merged)
     return paths
-
-
-def plot_curves(metrics_path: str | Path, png: str | Path) -> Path:
-    """A PNG of loss, reward accuracy / margins and eval metrics against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = M.read_jsonl(metrics_path)
-    panels = [
-        ("loss", ["train/loss", "eval/loss"]),
-        ("reward accuracy", ["train/rewards/accuracies", "eval/rewards/accuracies"]),
-        ("reward margin", ["train/rewards/margins", "eval/rewards/margins"]),
-        ("log-prob", ["train/logps/chosen", "train/logps/rejected", "eval/logps/chosen",
-                      "eval/logps/rejected"]),
-        ("NLL", ["train/nll/chosen", "eval/nll", "eval/nll/chosen"]),
-    ]  # fmt: skip
-    panels = [(t, [k for k in keys if any(k in r for r in rows)]) for t, keys in panels]
-    panels = [(t, keys) for t, keys in panels if keys]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.2))
-    axes = np.atleast_1d(axes)
-    for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
-            pts = [(s, v) for s, v in pts if isinstance(v, (int, float)) and math.isfinite(v)]
-            if pts:
-                style = "o-" if key.startswith("eval/") else "-"
-                ax.plot(*zip(*pts), style, label=key, markersize=3)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    png = Path(png)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png

@@ -26,12 +26,9 @@ beta and at equal KL.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from pathlib import Path
-
-import jax
 
 from alignjax.train import config as C
 from alignjax.train import trainer
@@ -159,34 +156,8 @@ def preference_config(
     )
 
 
-@contextlib.contextmanager
-def committed_states():
-    """Commit each run's initial state to its device before the first step.
-
-    `trainer.setup` leaves a one-device state uncommitted, while the jitted step returns a
-    committed one; the step is therefore compiled twice (calls 1 and 2 see different argument
-    shardings), which costs a whole compilation per run. Committing the state first gives the
-    same executable from step 1 (same numbers, measured: one `jit(step)` compilation instead of
-    two). Reported as a library issue; remove once `setup` commits the state itself.
-    """
-    original = trainer.setup
-
-    def setup(cfg, **kw):
-        session = original(cfg, **kw)
-        if session.mesh is None and not cfg.mesh.pmap:
-            session.state = jax.device_put(session.state, jax.devices()[0])
-        return session
-
-    trainer.setup = setup
-    try:
-        yield
-    finally:
-        trainer.setup = original
-
-
 def train_run(cfg: C.TrainConfig) -> float:
-    """`trainer.train` with progress bars (and committed states); returns the wall seconds."""
+    """`trainer.train` with progress bars; returns the wall seconds."""
     t0 = time.perf_counter()
-    with committed_states():
-        trainer.train(cfg, progress=True)
+    trainer.train(cfg, progress=True)
     return time.perf_counter() - t0

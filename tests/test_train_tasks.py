@@ -60,9 +60,11 @@ def first_batch(rows, kto_kl=False):
     return jax.tree.map(jnp.asarray, batch)
 
 
-def state_with_other_reference(loss):
+def state_with_other_reference(loss, heads=None):
     """Policy and reference differ (another init), so rewards are not all zero."""
-    state = S.init_state(models.LlamaForCausalLM(CFG, rngs=nnx.Rngs(0)), optax.sgd(1.0), loss=loss)
+    state = S.init_state(
+        models.LlamaForCausalLM(CFG, rngs=nnx.Rngs(0)), optax.sgd(1.0), loss=loss, heads=heads
+    )
     other = nnx.state(models.LlamaForCausalLM(CFG, rngs=nnx.Rngs(1)), nnx.Param)
     return state.replace(ref=other)
 
@@ -71,6 +73,20 @@ def dense_logps(state, params, batch):
     model = S.model_of(state, params)
     logits = model.logits(model(**batch.model_inputs()).last_hidden_state)
     return ops.token_logps(logits, batch.labels, batch.loss_mask)
+
+
+def dense_pair_stats(state, params, batch, **ref_outputs):
+    """Policy and reference log-probs and KL(ref || policy) from dense logits, plus the
+    reference's model output (with the hidden states / activations asked for)."""
+    policy, ref = S.model_of(state, params), S.model_of(state, state.ref)
+    inputs = batch.model_inputs()
+    logits = policy.logits(policy(**inputs).last_hidden_state)
+    ref_out = ref(**inputs, **ref_outputs)
+    ref_logits = jax.lax.stop_gradient(ref.logits(ref_out.last_hidden_state))
+    m = batch.loss_mask
+    lp = ops.token_logps(logits, batch.labels, m)
+    rl = ops.token_logps(ref_logits, batch.labels, m)
+    return lp, rl, ops.token_kl(logits, ref_logits, m), ref_out
 
 
 def check_step(spec, state, batch, direct):
@@ -205,23 +221,12 @@ def test_sparsepo_trains_its_mask_heads_like_the_loss(independent):
     # mask from the start and the head never trains (the official head behaves the same).
     heads = {n: SparseMaskHead(CFG.num_hidden_layers, CFG.hidden_size, dropout=0.0,
                                rngs=nnx.Rngs(seed)) for n, seed in zip(names, (5, 9))}  # fmt: skip
-    state = S.init_state(
-        models.LlamaForCausalLM(CFG, rngs=nnx.Rngs(0)), optax.sgd(1.0), heads=heads
-    )
-    other = nnx.state(models.LlamaForCausalLM(CFG, rngs=nnx.Rngs(1)), nnx.Param)
-    state = state.replace(ref=other)
+    state = state_with_other_reference(None, heads=heads)
     kw = {"beta": 0.5, "l1_reward": 1e-3}
 
     def direct(params):
-        policy, ref = S.model_of(state, params), S.model_of(state, state.ref)
-        inputs = batch.model_inputs()
-        logits = policy.logits(policy(**inputs).last_hidden_state)
-        ref_out = ref(**inputs, output_hidden_states=True)
-        ref_logits = jax.lax.stop_gradient(ref.logits(ref_out.last_hidden_state))
+        lp, rl, kl, ref_out = dense_pair_stats(state, params, batch, output_hidden_states=True)
         m = batch.loss_mask
-        lp = ops.token_logps(logits, batch.labels, m)
-        rl = ops.token_logps(ref_logits, batch.labels, m)
-        kl = ops.token_kl(logits, ref_logits, m)
         hidden = jax.lax.stop_gradient(jnp.stack(ref_out.hidden_states[1:]))
         hd = S.heads_of(state, params)
         masks = {"reward_mask": hd.reward(hidden)}
@@ -245,20 +250,12 @@ def test_mapo_reads_the_reference_activations():
     kw = {"beta": 0.5}
 
     def direct(params):
-        policy, ref = S.model_of(state, params), S.model_of(state, state.ref)
-        inputs = batch.model_inputs()
-        logits = policy.logits(policy(**inputs).last_hidden_state)
-        ref_out = ref(**inputs, output_activations=True)
-        ref_logits = jax.lax.stop_gradient(ref.logits(ref_out.last_hidden_state))
+        lp, rl, kl, ref_out = dense_pair_stats(state, params, batch, output_activations=True)
         m = batch.loss_mask
         acts = jax.lax.stop_gradient(ref_out.activations)
         groups = {g: [a[g] for a in acts] for g in ("mlp", "attn", "resid")}
         mask = ops.mapo_activation_mask(groups, m)
-        pb = losses.PreferenceBatch.from_stacked(
-            ops.token_logps(logits, batch.labels, m), m,
-            ops.token_logps(ref_logits, batch.labels, m),
-            kl=ops.token_kl(logits, ref_logits, m), reward_mask=mask,
-        )  # fmt: skip
+        pb = losses.PreferenceBatch.from_stacked(lp, m, rl, kl=kl, reward_mask=mask)
         return losses.get("mapo")(pb, **kw).loss
 
     check_step(S.StepSpec(loss="mapo", loss_kwargs=kw), state, batch, direct)

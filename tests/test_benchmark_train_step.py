@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["online", "precomputed", "LoRA, adapters off", "LoRA, precomputed"]
 
@@ -42,3 +44,6 @@ def test_train_step_benchmark_runs_and_reports_every_reference(tmp_path):
     assert rows[2]["trainable_params"] < rows[0]["trainable_params"]
     assert res["precompute"]["seconds"] > 0 and res["peak_flops_per_s"] > 0
     assert res["target"]["met"] == (rows[1]["ratio_vs_online"] <= 0.8)
+
+
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or notebooks

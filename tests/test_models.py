@@ -239,3 +239,72 @@ def test_bfloat16_compute_keeps_float32_parameters_and_gradients(model):
     ahead, behind = (float(forward32(e / norm)[2]) for e in (1e-2, -1e-2))
     slope = (ahead - behind) / 2e-2
     assert abs(slope - norm) <= 12 * 2**-8 * norm, (slope, norm)
+
+
+def test_dtype_spellings_and_load_pretrained_give_one_graphdef_and_one_compilation(tmp_path):
+    """A model built with the default param_dtype, with `jnp.dtype("float32")` (the trainer's
+    spelling), with `jnp.float32`, with "float32", and one saved and read back by
+    `load_pretrained` (whose config.json spells out head_dim and num_key_value_heads) have equal
+    and equally hashed graph definitions, so `generate` (jitted, the graphdef static) compiles
+    once for all of them. Before the dtypes were canonicalised, "float32" and the loaded model
+    each compiled again (3 compilations), and `jnp.dtype("float32")` hashed differently."""
+    cfg = models.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2,
+    )  # fmt: skip
+    built = [
+        models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)),
+        models.LlamaForCausalLM(cfg, param_dtype=jnp.dtype("float32"), rngs=nnx.Rngs(0)),
+        models.LlamaForCausalLM(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(0)),
+        models.LlamaForCausalLM(cfg, dtype=None, param_dtype="float32", rngs=nnx.Rngs(0)),
+    ]
+    models.save_pretrained(built[0], tmp_path)
+    loaded = [
+        models.load_pretrained(tmp_path),
+        models.load_pretrained(tmp_path, param_dtype=jnp.dtype("float32")),
+    ]
+    assert loaded[0].config.head_dim == 8 and cfg.head_dim is None  # spelled out, yet equal
+    assert loaded[0].config == cfg and hash(loaded[0].config) == hash(cfg)
+    assert models.LlamaConfig(**{**cfg.__dict__, "hidden_size": 32}).dim_per_head == 16
+    graphs = [nnx.graphdef(m) for m in built + loaded]
+    assert all(g == graphs[0] and hash(g) == hash(graphs[0]) for g in graphs)
+
+    ids = jnp.asarray([[3, 1, 4]])
+    mask = jnp.ones_like(ids)
+    before = models.generate.jitted_fn._cache_size()
+    tokens = [models.generate(m, ids, mask, max_new_tokens=2).tokens for m in built + loaded]
+    assert models.generate.jitted_fn._cache_size() == before + 1
+    for t in tokens[1:]:
+        np.testing.assert_array_equal(t, tokens[0])
+
+    # The compute dtype too: bfloat16 however spelled, directly or through load_pretrained.
+    bf16 = [
+        models.LlamaForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)),
+        models.LlamaForCausalLM(cfg, dtype="bfloat16", param_dtype=np.float32, rngs=nnx.Rngs(0)),
+        models.load_pretrained(tmp_path, dtype=jnp.dtype("bfloat16")),
+    ]
+    assert {m.dtype for m in bf16} == {jnp.dtype("bfloat16")}
+    assert all(nnx.graphdef(m) == nnx.graphdef(bf16[0]) for m in bf16)
+    assert len({hash(nnx.graphdef(m)) for m in bf16}) == 1
+    assert nnx.graphdef(bf16[0]) != graphs[0]
+
+
+def test_llama_satisfies_the_causal_lm_protocol(model):
+    assert isinstance(model, models.CausalLM)
+
+    class NoHead:  # everything the protocol names but `unembed`
+        config = CFG
+        dtype = None
+
+        def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+            raise NotImplementedError
+
+        def logits(self, hidden):
+            raise NotImplementedError
+
+        def step_with_cache(self, input_ids, positions, mask, caches, index):
+            raise NotImplementedError
+
+    assert not isinstance(NoHead(), models.CausalLM)
+    NoHead.unembed = lambda self: None
+    assert isinstance(NoHead(), models.CausalLM)

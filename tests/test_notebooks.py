@@ -33,3 +33,6 @@ def test_notebook_executes(path, tmp_path):
         if out.get("output_type") == "error"
     ]
     assert not errors, errors
+
+
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or notebooks

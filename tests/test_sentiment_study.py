@@ -139,3 +139,6 @@ def test_bradley_terry_pairs_and_win_probabilities():
     assert cold["label_noise_rate"] == 0.0
     assert abs(hot["label_noise_rate"] - 0.5) < 0.03
     assert abs(hot["expected_label_noise_rate"] - 0.5) < 1e-3
+
+
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or notebooks

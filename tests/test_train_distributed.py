@@ -275,3 +275,6 @@ def test_single_process_fetch_is_numpy():
 def test_docstring_examples_run(clean_env):
     result = doctest.testmod(distributed)
     assert result.attempted > 0 and result.failed == 0
+
+
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or notebooks

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from alignjax import data, models
-from alignjax.train import checkpoint, loop, metrics
+from alignjax.train import checkpoint, hooks, loop, metrics
 from alignjax.train import step as S
 
 datasets.disable_progress_bars()
@@ -42,12 +42,13 @@ def test_resume_is_bitwise(loader, tmp_path):
     straight = loop.run(fresh(), step, loader, steps=7)
     with checkpoint.Checkpointer(tmp_path / "ck", every=2, keep=2, asynchronous=False) as ck:
         with metrics.MetricsWriter(tmp_path / "m", tensorboard=False) as w:
-            loop.run(fresh(), step, loader, steps=4, checkpointer=ck, writer=w, log_every=2)
+            run_hooks = [hooks.MetricsHook(w, every=2), hooks.CheckpointHook(ck)]
+            loop.run(fresh(), step, loader, steps=4, hooks=run_hooks)
         assert ck.latest_step() == 4
     with checkpoint.Checkpointer(tmp_path / "ck", every=2, keep=2, asynchronous=False) as ck:
-        state = loop.resume(ck, fresh())
+        state, _ = ck.restore(target=fresh())
         assert int(state.step) == 4 and state.position.tolist() == [1, 1]
-        resumed = loop.run(state, step, loader, steps=7, checkpointer=ck)
+        resumed = loop.run(state, step, loader, steps=7, hooks=[hooks.CheckpointHook(ck)])
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(a, b)
     rows = metrics.read_jsonl(tmp_path / "m" / "metrics.jsonl")

@@ -62,3 +62,6 @@ def test_same_losses_and_parameters_as_one_device(single, tmp_path, layout):
     for (path, p), r in zip(flat, ref, strict=True):
         err = np.max(np.abs(np.asarray(p) - r)) / np.max(np.abs(r))
         assert err <= RTOL, (jax.tree_util.keystr(path), err)
+
+
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or notebooks

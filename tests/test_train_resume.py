@@ -17,6 +17,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 import yaml
 
 from alignjax.train import checkpoint, metrics, trainer
@@ -119,3 +120,6 @@ def test_sigkill_and_resume_is_bitwise(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), log
     assert [r["train/loss"] for r in rows] == [r["train/loss"] for r in ref]
     assert [r["train/grad_norm"] for r in rows] == [r["train/grad_norm"] for r in ref]
+
+
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or notebooks

@@ -107,7 +107,7 @@ def test_adapters_disabled_reference_equals_a_frozen_base_copy(batches):
     state = S.init_state(policy, opt, wrt=peft.AdapterParam, reference="adapters_disabled")
     spec = S.StepSpec(reference="adapters_disabled")
     b = batches[0]
-    stats = jax.jit(lambda st, b: S._token_stats(spec, st, st.params, b)[:2])(state, b)
+    stats = jax.jit(lambda st, b: S.token_stats(spec, st, st.params, b)[:2])(state, b)
     logps, ref_logps = stats
 
     @nnx.jit

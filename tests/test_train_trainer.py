@@ -69,9 +69,8 @@ def test_eval_command_reproduces_the_final_evaluation(demo, capsys):
 
 
 def _policy(run):
-    session = trainer._session_from_run(run)
-    trainer._restore_latest(session)
-    return session, S.model_of(session.host_state())
+    session = trainer.open_run(run)
+    return session, session.policy()
 
 
 def test_exports_equal_the_trained_policy(demo, tmp_path, capsys):
@@ -138,9 +137,10 @@ def test_precomputed_reference_cache_through_the_trainer(demo, tmp_path, caplog)
     assert reused.key == cache.key != changed.key
     assert len(list((tmp_path / "cache").iterdir())) == 2
     online = trainer.setup(C.load_config(None, base + ["reference.mode=adapters_disabled"]))
-    _, batch = next(trainer._train_loader(online).epoch(0))
+    _, batch = next(trainer.train_loader(online).epoch(0))
     dev = jax.tree.map(jnp.asarray, batch)
-    _, ref_online, _, mask, _ = S._token_stats(online.spec, online.state, online.state.params, dev)
+    stats = S.token_stats(online.spec, online.state, online.state.params, dev)
+    ref_online, mask = stats.ref_logps, stats.mask
     attached = first.to_device(batch)
     np.testing.assert_allclose(attached.ref_logps, np.asarray(ref_online), atol=2e-5)
     assert np.all(np.asarray(attached.ref_logps)[np.asarray(mask) == 0] == 0)
@@ -163,3 +163,6 @@ def test_bad_configs_exit_2_with_a_named_error(argv, message, capsys, tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or notebooks

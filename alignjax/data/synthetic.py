@@ -83,7 +83,7 @@ def _sentence(rng: random.Random, polarity: int) -> str:
     return f"we {rng.choice(verbs)} {subj}."
 
 
-def _prompt(rng: random.Random) -> str:
+def review_opening(rng: random.Random) -> str:
     """A review opening: a neutral first sentence, sometimes a dangling 'the X was'."""
     opening = f"review of {rng.choice(PLACES)}: {_sentence(rng, 0)}"
     if rng.random() < 0.5:
@@ -108,13 +108,13 @@ def _continuation(rng: random.Random, prompt: str, p_positive: float) -> str:
 
 def review(rng: random.Random) -> str:
     """A whole review with a random sentiment mix (the SFT corpus)."""
-    prompt = _prompt(rng)
+    prompt = review_opening(rng)
     return prompt + _continuation(rng, prompt, rng.random())
 
 
 def preference_pair(rng: random.Random) -> dict:
     """A prompt and two continuations with different sentiment mixes, ranked by the gold score."""
-    prompt = _prompt(rng)
+    prompt = review_opening(rng)
     while True:
         a = _continuation(rng, prompt, rng.random())
         b = _continuation(rng, prompt, rng.random())

@@ -4,13 +4,15 @@
 token-level TDPO, SparsePO, MaPO and token-wise constrained SFT."""
 
 from alignjax.losses import reference_free
-from alignjax.losses.compose import available, combine, get, register
+from alignjax.losses.compose import available, combine, get, needs_of, register
 from alignjax.losses.dpo import FORMULAS, dpo, f_score, pair_scores, wpo_weights
+from alignjax.losses.needs import CarriedState, LossNeeds, MaskProvider
 from alignjax.losses.reference_free import alphapo_reward, cpo, orpo
 from alignjax.losses.sft import sft
-from alignjax.losses.sparse_mask import SparseMaskHead
+from alignjax.losses.sparse_mask import SparseMaskHead, SparsePOMasks
 from alignjax.losses.sppo import sppo, sppo_single, win_probabilities
 from alignjax.losses.token import (
+    MaPOMasks,
     constrained_beta_schedule,
     mapo,
     sparsepo,
@@ -19,6 +21,7 @@ from alignjax.losses.token import (
 )
 from alignjax.losses.types import LossOutput, LossTerm, PreferenceBatch
 from alignjax.losses.unpaired import (
+    BCO_MOMENTS,
     RewardMoments,
     UnpairedBatch,
     bco,
@@ -38,6 +41,12 @@ __all__ = [
     "LossTerm",
     "PreferenceBatch",
     "SparseMaskHead",
+    "SparsePOMasks",
+    "MaPOMasks",
+    "LossNeeds",
+    "MaskProvider",
+    "CarriedState",
+    "needs_of",
     "UnpairedBatch",
     "RewardMoments",
     "bco",
@@ -45,6 +54,7 @@ __all__ = [
     "bco_udm_weights",
     "init_reward_moments",
     "update_reward_moments",
+    "BCO_MOMENTS",
     "kto",
     "mapo",
     "sparsepo",

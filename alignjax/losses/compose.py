@@ -25,18 +25,27 @@ from alignjax.losses import reference_free as _rf
 from alignjax.losses import sppo as _sppo
 from alignjax.losses import token as _token
 from alignjax.losses import unpaired as _unpaired
+from alignjax.losses.needs import LossNeeds, merge_needs
 from alignjax.losses.sft import sft as _sft
+from alignjax.losses.sparse_mask import SparsePOMasks
 from alignjax.losses.types import LossOutput, LossTerm
 
 LossFn = Callable[..., LossOutput]
 _REGISTRY: dict[str, LossFn] = {}
+_NEEDS: dict[str, LossNeeds] = {}
 
 
-def register(name: str, fn: LossFn, *, overwrite: bool = False) -> LossFn:
-    """Make `fn` reachable as `get(name)`."""
+def register(
+    name: str, fn: LossFn, *, needs: LossNeeds | None = None, overwrite: bool = False
+) -> LossFn:
+    """Make `fn` reachable as `get(name)`, with what it needs from the training step
+    (`LossNeeds`; default: a paired loss on reference log-probs, like DPO)."""
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"loss {name!r} is already registered; pass overwrite=True to replace it")
+    if needs is not None and not isinstance(needs, LossNeeds):
+        raise TypeError(f"`needs` must be a LossNeeds, got {type(needs).__name__}")
     _REGISTRY[name] = fn
+    _NEEDS[name] = needs if needs is not None else getattr(fn, "loss_needs", LossNeeds())
     return fn
 
 
@@ -51,6 +60,22 @@ def get(name: str) -> LossFn:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; available: {available()}") from None
+
+
+def needs_of(loss: str | LossFn) -> LossNeeds:
+    """What a loss needs from the step: a registered name's `LossNeeds`, a function's
+    `loss_needs` attribute (set by `combine`, or by hand), the record of a registered function,
+    else the default (paired, reference log-probs)."""
+    if isinstance(loss, str):
+        get(loss)
+        return _NEEDS[loss]
+    found = getattr(loss, "loss_needs", None)
+    if found is not None:
+        return found
+    for name, fn in _REGISTRY.items():
+        if fn is loss:
+            return _NEEDS[name]
+    return LossNeeds()
 
 
 def _accepts(fn: LossFn, key: str) -> bool:
@@ -105,22 +130,27 @@ def combine(parts: Sequence[tuple[str | LossFn, float]], **shared) -> LossFn:
             metrics=metrics,
         )
 
+    combined.loss_needs = merge_needs([needs_of(fn) for _, fn, _ in resolved])
     return combined
 
 
+_FREE = LossNeeds(reference=False)
 for _name in _dpo.FORMULAS:
     register(_name, functools.partial(_dpo.dpo, loss_type=_name))
-register("sft", _sft)
-register("cpo", _rf.cpo)
-register("simpo", functools.partial(_rf.cpo, loss_type="simpo", cpo_alpha=0.0))
-register("orpo", _rf.orpo)
+register("sft", _sft, needs=LossNeeds(tasks=("sft", "paired"), reference=False))
+register("cpo", _rf.cpo, needs=_FREE)
+register("simpo", functools.partial(_rf.cpo, loss_type="simpo", cpo_alpha=0.0), needs=_FREE)
+register("orpo", _rf.orpo, needs=_FREE)
 register("sppo", _sppo.sppo)
 register("sppo_single", _sppo.sppo_single)
-register("tdpo1", functools.partial(_token.tdpo, version=1))
-register("tdpo2", functools.partial(_token.tdpo, version=2))
-register("sparsepo", _token.sparsepo)
-register("mapo", _token.mapo)
-register("token_constrained_sft", _token.token_constrained_sft)
-register("kto", _unpaired.kto)
-register("bco", _unpaired.bco)
-register("apo_zero_unpaired", functools.partial(_unpaired.kto, loss_type="apo_zero_unpaired"))
+register("tdpo1", functools.partial(_token.tdpo, version=1), needs=LossNeeds(kl=True))
+register("tdpo2", functools.partial(_token.tdpo, version=2), needs=LossNeeds(kl=True))
+register("sparsepo", _token.sparsepo, needs=LossNeeds(kl=True, masks=SparsePOMasks()))
+register("mapo", _token.mapo, needs=LossNeeds(kl=True, masks=_token.MaPOMasks()))
+register("token_constrained_sft", _token.token_constrained_sft,
+         needs=LossNeeds(tasks=("sft", "paired")))  # fmt: skip
+_UNPAIRED = LossNeeds(tasks=("unpaired",))
+register("kto", _unpaired.kto, needs=_UNPAIRED)
+register("bco", _unpaired.bco, needs=LossNeeds(tasks=("unpaired",), state=_unpaired.BCO_MOMENTS))
+register("apo_zero_unpaired", functools.partial(_unpaired.kto, loss_type="apo_zero_unpaired"),
+         needs=_UNPAIRED)  # fmt: skip

@@ -25,7 +25,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -118,3 +120,65 @@ class SparseMaskHead(nnx.Module):
         mixed = self.mixer(jnp.stack(per_layer, axis=-1))[..., 0]
         mixed = jax.nn.relu(mixed)
         return mixed if self.variant == "mlp" else self.drop(mixed)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsePOMasks:
+    """SparsePO's mask provider (`losses.needs.MaskProvider`): learned heads on the reference's
+    layer outputs (embeddings excluded), trained with the policy.
+
+    Attributes:
+      independent: two heads, "reward" (m_u) and "kl" (m_d) ("sparse-indp"); False: the
+        "reward" head serves both (the common mask).
+      variant: the head variant (`VARIANTS`).
+    """
+
+    independent: bool = False
+    variant: str = "all"
+    reads: ClassVar[str] = "hidden_states"
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"`variant` must be one of {VARIANTS}, got {self.variant!r}")
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return ("reward", "kl") if self.independent else ("reward",)
+
+    @property
+    def mask_names(self) -> tuple[str, ...]:
+        return tuple(f"{n}_mask" for n in self.head_names)
+
+    def configure(self, **options) -> SparsePOMasks:
+        return configure(self, options)
+
+    def heads(self, config, *, seed: int) -> dict:
+        """One `SparseMaskHead` per head name, dropout off (the step carries no dropout rng)."""
+        return {
+            name: SparseMaskHead(
+                config.num_hidden_layers,
+                config.hidden_size,
+                variant=self.variant,
+                dropout=0.0,
+                rngs=nnx.Rngs(seed + k),
+            )
+            for k, name in enumerate(self.head_names)
+        }
+
+    def masks(self, heads, reference_output, loss_mask) -> dict:
+        missing = [n for n in self.head_names if not hasattr(heads, n)]
+        if heads is None or missing:
+            raise ValueError(f"SparsePO needs heads {self.head_names}; the state lacks "
+                             f"{missing or list(self.head_names)}")  # fmt: skip
+        hidden = jnp.stack(reference_output.hidden_states[1:])  # [L, R, T, D], no gradient
+        return {f"{n}_mask": getattr(heads, n)(hidden) for n in self.head_names}
+
+
+def configure(provider, options: dict):
+    """`dataclasses.replace(provider, **options)`, naming an option the provider lacks."""
+    fields = [f.name for f in dataclasses.fields(provider)]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ValueError(f"mask option {unknown[0]!r} does not apply to "
+                         f"{type(provider).__name__}; its options: {fields}")  # fmt: skip
+    return dataclasses.replace(provider, **options)

@@ -15,6 +15,9 @@ completion. SparsePO with m_u = m_d = 1 is TDPO1 exactly.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -27,7 +30,7 @@ from alignjax.losses.types import (
     masked_sum,
     paired_output,
 )
-from alignjax.ops import completion_positions
+from alignjax.ops import completion_positions, mapo_activation_mask
 
 log_sigmoid = jax.nn.log_sigmoid
 
@@ -206,3 +209,39 @@ def token_constrained_sft(
             "delta/mean": lax.stop_gradient(masked_sum(delta, mask).sum() / jnp.maximum(count, 1.0))
         },
     )
+
+
+MAPO_GROUPS = ("mlp", "attn", "resid")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaPOMasks:
+    """MaPO's mask provider (`losses.needs.MaskProvider`): the reference's activations grouped
+    as in the official code (`ops.mapo_activation_mask`); no trainable heads.
+
+    Attributes:
+      groups: the activation groups used, a non-empty subset of `MAPO_GROUPS`.
+    """
+
+    groups: tuple[str, ...] = MAPO_GROUPS
+    reads: ClassVar[str] = "activations"
+    mask_names: ClassVar[tuple[str, ...]] = ("reward_mask",)
+
+    def __post_init__(self):
+        groups = tuple(self.groups)
+        if not groups or set(groups) - set(MAPO_GROUPS):
+            raise ValueError(f"`groups` must be a non-empty subset of {MAPO_GROUPS}, got {groups}")
+        object.__setattr__(self, "groups", groups)
+
+    def configure(self, **options) -> MaPOMasks:
+        from alignjax.losses.sparse_mask import configure
+
+        return configure(self, options)
+
+    def heads(self, config, *, seed: int) -> dict:
+        return {}
+
+    def masks(self, heads, reference_output, loss_mask) -> dict:
+        acts = reference_output.activations
+        groups = {g: [a[g] for a in acts] for g in self.groups}
+        return {"reward_mask": mapo_activation_mask(groups, loss_mask)}

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from alignjax.ops import _checks as C
+from alignjax.ops import sequence_sum
 
 
 @jax.tree_util.register_dataclass
@@ -127,11 +128,16 @@ class PreferenceBatch:
 
 
 def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
-    """sum_t values over the mask, float32 at least; `[B]` inputs are taken as sums already."""
-    dt = C.result_dtype(values.dtype)
+    """sum_t values over the mask, float32 at least; `[B]` inputs are taken as sums already.
+
+    `ops.sequence_sum` (the one masked-sum kernel: float32 / float64 accumulation, `mask != 0`
+    as a selector, 0 for an empty row, shape and dtype checks) plus the losses' one rule: a 1-D
+    `values` is a precomputed sequence sum (`ref_chosen_logps` given as `[B]`), returned as is
+    (promoted like a sum) and `mask` unused."""
+    values = C.as_array("values", values)
     if values.ndim == 1:
-        return values.astype(dt)
-    return jnp.sum(jnp.where(mask != 0, values.astype(dt), 0.0), axis=-1)
+        return values.astype(C.result_dtype(values.dtype))
+    return sequence_sum(values, mask)
 
 
 def lengths(mask: jax.Array) -> jax.Array:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from alignjax.losses.needs import CarriedState
 from alignjax.losses.types import LossOutput, check_beta, masked_sum, mean_term
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -263,3 +264,18 @@ def bco_rewards(batch: UnpairedBatch, beta: float = 0.1) -> jax.Array:
         raise ValueError("BCO needs `ref_logps`")
     seq = masked_sum(batch.logps, batch.mask) - masked_sum(batch.ref_logps, batch.mask)
     return lax.stop_gradient(beta * seq)
+
+
+def _fold_bco_rewards(state, batch, valid, kwargs, axis_name=None):
+    """TRL's order: fold this batch's rewards into the running moments first."""
+    rewards = bco_rewards(batch, kwargs.get("beta", 0.1))
+    return update_reward_moments(state, rewards, valid, axis_name=axis_name)
+
+
+def _bco_delta(state, kwargs) -> dict:
+    return {**kwargs, "delta": state.mean}
+
+
+BCO_MOMENTS = CarriedState(init=init_reward_moments, update=_fold_bco_rewards, apply=_bco_delta)
+"""BCO's running reward mean (TRL's `RunningMoments`) as a loss's carried state: folded in
+before every step's loss, which then uses delta = the running mean."""

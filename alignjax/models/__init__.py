@@ -7,14 +7,17 @@ from alignjax.models.llama import (
     ModelOutput,
     attention,
     attention_mask_4d,
+    canonical_dtype,
     causal_attention,
     default_positions,
     grouped_query_attention,
     rope_frequencies,
 )
+from alignjax.models.protocol import CausalLM
 from alignjax.models.sampling import Generation, generate
 
 __all__ = [
+    "CausalLM",
     "Generation",
     "generate",
     "LlamaConfig",
@@ -22,6 +25,7 @@ __all__ = [
     "ModelOutput",
     "attention_mask_4d",
     "attention",
+    "canonical_dtype",
     "causal_attention",
     "default_positions",
     "grouped_query_attention",

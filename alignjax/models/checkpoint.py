@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from alignjax.models.llama import LlamaConfig, LlamaForCausalLM
+from alignjax.models.llama import LlamaConfig, LlamaForCausalLM, canonical_dtype
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -51,8 +51,14 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
 def load_pretrained(
     directory: str | Path, *, dtype=None, param_dtype=jnp.float32, remat: bool = False
 ) -> LlamaForCausalLM:
-    """Build the model from `config.json` and load its safetensors weights."""
+    """Build the model from `config.json` and load its safetensors weights (converted to
+    `param_dtype`). `dtype` / `param_dtype` take any spelling `jnp.dtype` accepts; the model is the
+    one `LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, remat=remat)` builds, with
+    an equal graph definition (`nnx.graphdef`), so jitted functions compiled for one serve the
+    other."""
     directory = Path(directory)
+    param_dtype = canonical_dtype(jnp.float32 if param_dtype is None else param_dtype)
+    dtype = canonical_dtype(dtype)
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{directory} has no config.json")

@@ -27,9 +27,17 @@ from flax import nnx
 SUPPORTED = ("llama", "mistral", "qwen2")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class LlamaConfig:
-    """The architecture, in transformers' field names (`from_hf` / `to_hf` convert)."""
+    """The architecture, in transformers' field names (`from_hf` / `to_hf` convert).
+
+    Equality and hash are those of the architecture: `num_key_value_heads` and `head_dim` left
+    None compare equal to the values they resolve to (`kv_heads`, `dim_per_head`), so a config
+    written by `to_hf` (which spells both out) and read back by `from_hf` equals the one it came
+    from. Models keep their config as static graph metadata (`nnx.graphdef`), where an unequal
+    but identical architecture would make every `nnx.jit` (`generate`, the train step) compile
+    again.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -67,6 +75,18 @@ class LlamaConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.kv_heads})"
             )
+
+    def _key(self) -> tuple:
+        resolved = {"num_key_value_heads": self.kv_heads, "head_dim": self.dim_per_head}
+        return tuple(resolved.get(f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
 
     @property
     def kv_heads(self) -> int:
@@ -133,6 +153,27 @@ class LlamaConfig:
         return out
 
 
+def canonical_dtype(dtype: Any) -> jnp.dtype | None:
+    """One spelling per dtype: None stays None, anything `jnp.dtype` accepts (the scalar type
+    `jnp.float32`, `jnp.dtype("float32")`, the string "float32", `np.float32`) becomes the
+    `jnp.dtype` instance. Modules keep their dtypes as static graph metadata, and the spellings
+    do not agree there: "float32" equals neither of the others, and `jnp.float32 ==
+    jnp.dtype("float32")` although their hashes differ. Without this, two models of one
+    architecture built with different spellings (a direct `LlamaForCausalLM(...)`, the trainer's
+    `jnp.dtype(cfg.model.param_dtype)`, `load_pretrained`) have unequal `nnx.graphdef`s and each
+    compiles `generate` (and any other `nnx.jit`) anew."""
+    return None if dtype is None else jnp.dtype(dtype)
+
+
+def _canonical_lin(lin: dict) -> dict:
+    """The `nnx.Linear` dtype keywords in canonical form (`param_dtype` None: float32)."""
+    param_dtype = lin.get("param_dtype")
+    return {
+        "dtype": canonical_dtype(lin.get("dtype")),
+        "param_dtype": canonical_dtype(jnp.float32 if param_dtype is None else param_dtype),
+    }
+
+
 def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
     """Inverse frequencies `theta^(-2i/d)`, with Llama 3's scaling when configured (long
     wavelengths divided by `factor`, short ones kept, a smooth blend between)."""
@@ -171,6 +212,7 @@ class RMSNorm(nnx.Module):
     """y = weight * x / sqrt(mean(x^2) + eps), normalised in float32 as transformers does."""
 
     def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        param_dtype = _canonical_lin({"param_dtype": param_dtype})["param_dtype"]
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
         self.eps = eps
 
@@ -257,6 +299,7 @@ def _linear(n_in, n_out, bias, cfg_kw, rngs):
 
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, lin: dict, rngs: nnx.Rngs):
+        lin = _canonical_lin(lin)
         d, hd = cfg.hidden_size, cfg.dim_per_head
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
         self.q_proj = _linear(d, cfg.num_attention_heads * hd, qkv_bias, lin, rngs)
@@ -293,6 +336,7 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, lin: dict, rngs: nnx.Rngs):
+        lin = _canonical_lin(lin)
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = _linear(d, f, cfg.mlp_bias, lin, rngs)
         self.up_proj = _linear(d, f, cfg.mlp_bias, lin, rngs)
@@ -305,6 +349,7 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: LlamaConfig, lin: dict, rngs: nnx.Rngs):
+        lin = _canonical_lin(lin)
         pd = lin["param_dtype"]
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd)
         self.self_attn = Attention(cfg, lin, rngs)
@@ -334,6 +379,7 @@ class ModelOutput(NamedTuple):
 
 class LlamaModel(nnx.Module):
     def __init__(self, cfg: LlamaConfig, lin: dict, rngs: nnx.Rngs):
+        lin = _canonical_lin(lin)
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, param_dtype=lin["param_dtype"], rngs=rngs
         )
@@ -374,7 +420,10 @@ class LlamaForCausalLM(nnx.Module):
     Args:
       cfg: the architecture.
       dtype: compute dtype (e.g. bfloat16), None for the parameters' dtype.
-      param_dtype: parameter dtype (float32 by default).
+      param_dtype: parameter dtype (float32 by default; None: float32).
+        Both take any spelling `jnp.dtype` accepts (`jnp.bfloat16`, `jnp.dtype("bfloat16")`,
+        "bfloat16") and are stored as `jnp.dtype` instances (`canonical_dtype`), so models of one
+        architecture have equal graph definitions however their dtypes were written.
       remat: rematerialise each layer in the backward pass (less memory, more compute).
       rngs: initialisation.
 
@@ -398,10 +447,12 @@ class LlamaForCausalLM(nnx.Module):
         remat: bool = False,
         rngs: nnx.Rngs,
     ):
-        lin = {"dtype": dtype, "param_dtype": param_dtype}
+        # Canonical forms (`canonical_dtype`): every spelling of the same dtypes gives the same
+        # graph definition, so jitted functions of the model compile once per architecture.
+        lin = _canonical_lin({"dtype": dtype, "param_dtype": param_dtype})
         self.config = cfg
-        self.dtype = dtype
-        self.remat = remat
+        self.dtype = lin["dtype"]
+        self.remat = bool(remat)
         self.model = LlamaModel(cfg, lin, rngs)
         self.lm_head = (
             None
@@ -430,8 +481,11 @@ class LlamaForCausalLM(nnx.Module):
         return self.lm_head.kernel[...]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
+        """`hidden @ unembed()`: `[..., D]` hidden states (e.g. `last_hidden_state`) to
+        `[..., V]` logits, in the compute dtype (`dtype`, else the parameters'). Materialises
+        the logits: training reads log-probs through `ops.fused_token_logps` instead."""
         w = self.unembed()
-        dt = self.dtype or w.dtype
+        dt = w.dtype if self.dtype is None else self.dtype
         return hidden.astype(dt) @ w.astype(dt)
 
     def __call__(
@@ -444,6 +498,41 @@ class LlamaForCausalLM(nnx.Module):
         output_hidden_states: bool = False,
         output_activations: bool = False,
     ) -> ModelOutput:
+        """The decoder forward pass. It returns hidden states, not logits: the logits are
+        `model.logits(out.last_hidden_state)`, and per-token log-probs, without materialising the
+        `[B, T, V]` logits, are `ops.fused_token_logps(out.last_hidden_state, model.unembed(),
+        labels, mask)` (what the trainer computes).
+
+        Args:
+          input_ids: `[B, T]` int token ids.
+          attention_mask: `[B, T]` 1 on real tokens, 0 on padding (left or right); None: all
+            ones. No token attends to a padding position (except itself: the outputs there
+            are finite but meaningless, to be masked out downstream).
+          positions: `[B, T]` int RoPE positions; None: `default_positions`, i.e.
+            `cumsum(attention_mask) - 1` (so left padding does not shift the real tokens), or,
+            with `segment_ids`, 0, 1, ... restarting at every segment.
+          segment_ids: `[B, T]` int ids of the sequences packed in a row (a token attends only
+            to earlier tokens of its own segment); None for unpacked rows. Usually with
+            `attention_mask` 0 on the padding after the last segment.
+          output_hidden_states: also return `hidden_states`.
+          output_activations: also return `activations` (MaPO's activation masks).
+
+        Returns:
+          A `ModelOutput`:
+            last_hidden_state: `[B, T, D]` after the final RMSNorm, the input of the LM head, in
+              the compute dtype (`dtype`, else the parameters').
+            hidden_states: None, or (with `output_hidden_states`) a tuple of L + 1 `[B, T, D]`
+              arrays: the embeddings, then each decoder layer's output (the residual stream,
+              before the final norm).
+            activations: None, or (with `output_activations`) a tuple of L dicts, per layer
+              `{"attn": [B, T, heads * head_dim] attention output before o_proj, "mlp":
+              [B, T, intermediate_size] SwiGLU activations silu(gate) * up, "resid": [B, T, D]
+              the layer's output}`.
+
+        Raises:
+          ValueError: `input_ids` is not 2-D, `attention_mask` has another shape, or T exceeds
+            a Mistral / Qwen2 sliding window (`LlamaConfig.check_length`).
+        """
         if input_ids.ndim != 2:
             raise ValueError(f"`input_ids` must be [B, T], got shape {input_ids.shape}")
         if attention_mask is None:

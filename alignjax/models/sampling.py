@@ -1,7 +1,8 @@
-"""Generation with a KV cache for `LlamaForCausalLM`: a batch of left-padded prompts, greedy or
-sampled (temperature, top-k, top-p), stop tokens; returns the new tokens and their log-probs
-under the (temperature-free) model distribution. One jit-compiled function per (batch, prompt
-length, max_new_tokens, sampling settings).
+"""Generation with a KV cache for `LlamaForCausalLM` (or any `models.CausalLM`): a batch of
+left-padded prompts, greedy or sampled (temperature, top-k, top-p), stop tokens; returns the new
+tokens and their log-probs under the (temperature-free) model distribution. One jit-compiled
+function per (model graph definition, batch, prompt length, max_new_tokens, sampling settings):
+models of one architecture share it, whatever spelling of their dtypes built them.
 
 The cache holds prompt + new tokens, [B, P + N, kv_heads, head_dim] per layer. Prompt slot j is
 visible where the prompt mask is 1; generated slots are always real. Positions continue from
@@ -70,7 +71,9 @@ def generate(
     cfg = model.config
     total = p + max_new_tokens
     cfg.check_length(total)
-    dtype = model.model.embed_tokens.embedding[...].dtype if model.dtype is None else model.dtype
+    # Only `CausalLM` members (`models.protocol`): the cache in the compute dtype, else the
+    # parameters' (the LM head's, as the embedding's: `LlamaForCausalLM` keeps one param_dtype).
+    dtype = model.unembed().dtype if model.dtype is None else model.dtype
     caches = [
         (
             jnp.zeros((b, total, cfg.kv_heads, cfg.dim_per_head), dtype),

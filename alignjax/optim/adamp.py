@@ -10,14 +10,20 @@ The moments are never projected; the cosine test uses the raw gradient; weight d
 decoupled and scaled by wd_ratio where the projection fired, which is why it lives inside
 `scale_by_adamp` rather than in a separate `add_decayed_weights`. AdamP's nesterov form is its
 own (bias-corrected as a whole by 1 - b1^t), not `optax.scale_by_adam(nesterov=True)`.
+
+`mask` selects the leaves that get weight decay, with `optax.adamw`'s semantics (a static tree
+of bools shaped like, or a prefix of, the params, or a callable params -> such a tree): a
+masked-out leaf is updated exactly as with weight_decay = 0, everything else is unchanged.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from alignjax.optim.constraints import NO_PARAMS_MSG
@@ -31,6 +37,46 @@ from alignjax.optim.projection import (
     resolve_channel_axes,
     split_projected,
 )
+
+DecayMask = Any | Callable[[Any], Any] | None
+
+
+def decay_mask_tree(mask: DecayMask, params) -> Any:
+    """`mask` (as `optax.adamw`'s: None, a tree of bools shaped like or a prefix of `params`,
+    or a callable params -> such a tree) as one Python bool per leaf of `params`; None for
+    None (every leaf decays). The bools must be static (known at trace time)."""
+    if mask is None:
+        return None
+    tree = mask(params) if callable(mask) else mask
+
+    def expand(m, sub):
+        try:
+            flag = bool(m)
+        except jax.errors.ConcretizationTypeError as e:
+            raise TypeError(
+                "`mask` must hold static bools (Python or concrete NumPy/JAX), not traced "
+                "values; under optax.inject_hyperparams pass a callable mask in static_args"
+            ) from e
+        return jax.tree.map(lambda _: flag, sub)
+
+    try:
+        return jax.tree.map(expand, tree, params)
+    except ValueError as e:
+        raise ValueError(
+            f"`mask` must be a tree shaped like (or a prefix of) the params: {e}"
+        ) from e
+
+
+def leaf_decays(weight_decay, mask_tree, params) -> Any:
+    """The weight decay of every leaf: `weight_decay` where `mask_tree` is True, a zero of the
+    same kind elsewhere, so a masked-out leaf computes what a weight_decay = 0 run computes."""
+    if mask_tree is None:
+        return jax.tree.map(lambda _: weight_decay, params)
+    if isinstance(weight_decay, (jax.Array, np.ndarray, np.generic)):
+        zero = jnp.zeros_like(weight_decay)
+    else:
+        zero = 0.0
+    return jax.tree.map(lambda m: weight_decay if m else zero, mask_tree)
 
 
 class ScaleByAdamPState(NamedTuple):
@@ -50,6 +96,7 @@ def scale_by_adamp(
     nesterov: bool = False,
     channel_axis: ChannelAxisSpec = None,
     mu_dtype=None,
+    mask: DecayMask = None,
 ) -> optax.GradientTransformation:
     """AdamP's direction: the projected, bias-corrected Adam update plus the decoupled weight
     decay `weight_decay * r * params` (r = wd_ratio where the projection fired, 1 elsewhere).
@@ -63,6 +110,11 @@ def scale_by_adamp(
       nesterov: AdamP's nesterov momentum, (b1 m_t + (1 - b1) g) / (1 - b1^t).
       channel_axis: None (Flax layout), an int, a pytree or a callable; see `projection`.
       mu_dtype: dtype of the first moment (None: the parameters').
+      mask: which leaves get weight decay, as `optax.adamw`'s `mask`: a static tree of bools
+        shaped like (or a prefix of) the params, or a callable params -> such a tree (under
+        `optax.inject_hyperparams` list a callable in `static_args`). False leaves are
+        updated exactly as with weight_decay = 0 (the projection and wd_ratio still apply to
+        the direction); None decays every leaf.
 
     Every numeric hyperparameter may be a schedule `count -> value`.
     """
@@ -72,6 +124,7 @@ def scale_by_adamp(
 
     def init_fn(params):
         resolve_channel_axes(channel_axis, params)
+        decay_mask_tree(mask, params)
         return ScaleByAdamPState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
@@ -100,9 +153,9 @@ def scale_by_adamp(
             params, updates, u, axes, delta=hyper(delta, c), wd_ratio=hyper(wd_ratio, c), eps=e
         )
         u, ratios = split_projected(projected, updates)
-        wd = hyper(weight_decay, c)
+        wds = leaf_decays(hyper(weight_decay, c), decay_mask_tree(mask, params), params)
         out = jax.tree.map(
-            lambda x, r, p: (x / bc1 + wd * r * p).astype(x.dtype), u, ratios, params
+            lambda x, r, p, wd: (x / bc1 + wd * r * p).astype(x.dtype), u, ratios, params, wds
         )
         return out, ScaleByAdamPState(t, optax.tree.cast(mu, mu_dtype), nu)
 
@@ -121,11 +174,13 @@ def adamp(
     nesterov: bool = False,
     channel_axis: ChannelAxisSpec = None,
     mu_dtype=None,
+    mask: DecayMask = None,
 ) -> optax.GradientTransformationExtraArgs:
     """AdamP: `chain(scale_by_adamp(...), scale_by_learning_rate(learning_rate))`.
 
     Defaults are the reference's (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0,
-    delta 0.1, wd_ratio 0.1). Where the projection never fires this is `optax.adamw`.
+    delta 0.1, wd_ratio 0.1). Where the projection never fires this is `optax.adamw`, with the
+    same `mask` argument (which leaves get weight decay; see `scale_by_adamp`).
 
         >>> import jax.numpy as jnp, optax
         >>> from alignjax.optim import adamp
@@ -134,6 +189,7 @@ def adamp(
         >>> state = tx.init(params)
         >>> updates, state = tx.update(params, state, params)  # gradients, state, params
         >>> params = optax.apply_updates(params, updates)
+        >>> tx = adamp(1e-3, weight_decay=1e-2, mask={"kernel": True, "bias": False})
 
     References: Heo et al., ICLR 2021, arXiv:2006.08217; github.com/clovaai/AdamP.
     """
@@ -149,6 +205,7 @@ def adamp(
             nesterov=nesterov,
             channel_axis=channel_axis,
             mu_dtype=mu_dtype,
+            mask=mask,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

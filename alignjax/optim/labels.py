@@ -55,8 +55,13 @@ def _key(k: Any) -> Any:  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
 
 
 def path_string(path: Sequence[Any]) -> str:
-    """Joins a JAX key path with "/": `(DictKey("h"), SequenceKey(0))` -> "h/0"."""
-    return "/".join(str(_key(k)) for k in path)
+    """Joins a JAX key path (or an NNX graph path of names and indices) with "/":
+    `(DictKey("h"), SequenceKey(0))` -> "h/0". The trailing "value" attribute an `nnx.Variable`
+    flattens to is not part of the name. The one key-path-to-string helper of the package."""
+    parts = [str(_key(k)) for k in path]
+    if parts and parts[-1] == "value" and isinstance(path[-1], jtu.GetAttrKey):
+        parts.pop()
+    return "/".join(parts)
 
 
 def _tree(params: Any, wrt: Any) -> Any:

@@ -9,6 +9,9 @@ semantics of the reference code (clovaai/AdamP = PyPI adamp 0.3.0; specs/optim.m
 Reference quirk kept by default: without nesterov, `d` *is* the momentum buffer and the
 reference projects it in place, so the stored buffer is projected too whenever the test fires
 (`project_momentum=True`). `project_momentum=False` keeps the buffer unprojected.
+
+`mask` selects the leaves that get weight decay, as in `optax.adamw` (see `adamp`): a masked-out
+leaf is updated exactly as with weight_decay = 0.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from alignjax.optim.adamp import DecayMask, decay_mask_tree, leaf_decays
 from alignjax.optim.constraints import NO_PARAMS_MSG
 from alignjax.optim.projection import (
     ChannelAxisSpec,
@@ -49,6 +53,7 @@ def scale_by_sgdp(
     project_momentum: bool = True,
     channel_axis: ChannelAxisSpec = None,
     accumulator_dtype=None,
+    mask: DecayMask = None,
 ) -> optax.GradientTransformation:
     """SGDP's direction: the projected momentum step plus the decoupled weight decay
     `weight_decay * r * params / (1 - momentum)`. Multiply by the learning rate after it
@@ -63,6 +68,9 @@ def scale_by_sgdp(
       project_momentum: the reference's in-place projection of the buffer (see module doc).
       channel_axis: None (Flax layout), an int, a pytree or a callable; see `projection`.
       accumulator_dtype: dtype of the momentum buffer (None: the parameters').
+      mask: which leaves get weight decay, as `optax.adamw`'s `mask` (a static tree of bools
+        shaped like, or a prefix of, the params, or a callable params -> such a tree). False
+        leaves are updated exactly as with weight_decay = 0; None decays every leaf.
     """
     check_hyper("momentum", momentum, low=0.0, high=1.0)
     check_hyper("dampening", dampening, low=0.0, high=1.0, high_open=False)
@@ -70,6 +78,7 @@ def scale_by_sgdp(
 
     def init_fn(params):
         resolve_channel_axes(channel_axis, params)
+        decay_mask_tree(mask, params)
         return ScaleBySGDPState(
             jnp.zeros([], jnp.int32), optax.tree.zeros_like(params, dtype=accumulator_dtype)
         )
@@ -99,8 +108,8 @@ def scale_by_sgdp(
         d, ratios = split_projected(projected, updates)
         if project_momentum and not nesterov:
             buf = jax.tree.map(lambda x, b: x.astype(b.dtype), d, buf)
-        wd = hyper(weight_decay, c)
-        out = jax.tree.map(lambda x, r, p: x + wd * r * p / (1 - mom), d, ratios, params)
+        wds = leaf_decays(hyper(weight_decay, c), decay_mask_tree(mask, params), params)
+        out = jax.tree.map(lambda x, r, p, wd: x + wd * r * p / (1 - mom), d, ratios, params, wds)
         return out, ScaleBySGDPState(optax.safe_increment(c), buf)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -119,11 +128,13 @@ def sgdp(
     project_momentum: bool = True,
     channel_axis: ChannelAxisSpec = None,
     accumulator_dtype=None,
+    mask: DecayMask = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SGDP: `chain(scale_by_sgdp(...), scale_by_learning_rate(learning_rate))`.
 
     The learning rate is required, as in the reference. With dampening 0 and no projection
-    firing this is `optax.sgd(learning_rate, momentum)` plus decoupled weight decay.
+    firing this is `optax.sgd(learning_rate, momentum)` plus decoupled weight decay (`mask`:
+    which leaves get it, as in `optax.adamw`).
 
         >>> import jax.numpy as jnp, optax
         >>> from alignjax.optim import sgdp
@@ -147,6 +158,7 @@ def sgdp(
             project_momentum=project_momentum,
             channel_axis=channel_axis,
             accumulator_dtype=accumulator_dtype,
+            mask=mask,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -2,7 +2,7 @@
 injected by regex on module paths, mergeable and exactly unmergeable, with an
 adapters-disabled view of the base model and adapter-only state."""
 
-from alignjax.peft import adalora_allocator
+from alignjax.peft import adalora_allocator, adalora_optax
 from alignjax.peft.adalora import AdaLoRA
 from alignjax.peft.adalora_allocator import (
     AdaLoraSchedule,
@@ -10,6 +10,14 @@ from alignjax.peft.adalora_allocator import (
     init_allocator,
     orthogonal_regularizer,
     update_and_allocate,
+)
+from alignjax.peft.adalora_optax import (
+    RankAllocationState,
+    adalora_triplet_paths,
+    allocation_state,
+    orthogonal_penalty,
+    rank_pattern,
+    with_rank_allocation,
 )
 from alignjax.peft.base import AdapterLinear, AdapterParam, AdapterState
 from alignjax.peft.bone import Bone, bat_kernel, bat_unmerge, bone_delta
@@ -35,9 +43,16 @@ __all__ = [
     "AdaLoraSchedule",
     "AllocatorState",
     "adalora_allocator",
+    "adalora_optax",
     "init_allocator",
     "orthogonal_regularizer",
     "update_and_allocate",
+    "RankAllocationState",
+    "adalora_triplet_paths",
+    "allocation_state",
+    "orthogonal_penalty",
+    "rank_pattern",
+    "with_rank_allocation",
     "AdapterLinear",
     "AdapterParam",
     "AdapterState",

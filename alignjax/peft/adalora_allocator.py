@@ -182,11 +182,14 @@ def init_allocator(
     params: AdapterTree, rank_pattern: Mapping[str, jax.Array] | None = None
 ) -> AllocatorState:
     """Zero EMAs; the rank pattern is all True unless one is given (e.g. on resume)."""
-    zeros = {n: tuple(jnp.zeros_like(x) for x in t) for n, t in params.items()}
+
+    def zeros():  # distinct buffers: a donated state must not hold one array twice
+        return {n: tuple(jnp.zeros_like(x) for x in t) for n, t in params.items()}
+
     if rank_pattern is None:
         rank_pattern = {n: jnp.ones(t[1].shape, bool) for n, t in params.items()}
     pattern = {n: jnp.asarray(rank_pattern[n], bool).reshape(-1) for n in params}
-    return AllocatorState(ipt=zeros, unc=dict(zeros), rank_pattern=pattern)
+    return AllocatorState(ipt=zeros(), unc=zeros(), rank_pattern=pattern)
 
 
 def triplet_scores(ipt: AdapterTree, unc: AdapterTree) -> dict[str, jax.Array]:

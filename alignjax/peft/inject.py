@@ -26,11 +26,11 @@ import contextlib
 import dataclasses
 import re
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
+from alignjax.optim.labels import path_string
 from alignjax.peft.adalora import AdaLoRA
 from alignjax.peft.base import AdapterLinear, AdapterParam
 from alignjax.peft.bone import Bone
@@ -87,10 +87,6 @@ class Rule:
         return AdaLoRA(base, rank=self.rank, alpha=alpha, dropout=self.dropout, rngs=rngs, **kw)
 
 
-def _path(path: Sequence[Any]) -> str:
-    return "/".join(str(p) for p in path)
-
-
 def _modules(model: nnx.Module, kind: type) -> list[tuple[tuple, nnx.Module]]:
     return [(tuple(p), m) for p, m in nnx.iter_graph(model) if isinstance(m, kind) and p]
 
@@ -98,7 +94,7 @@ def _modules(model: nnx.Module, kind: type) -> list[tuple[tuple, nnx.Module]]:
 def linear_paths(model: nnx.Module) -> list[str]:
     """Paths of the `nnx.Linear` modules an adapter can wrap (not those already inside one)."""
     adapted = {id(m.base) for _, m in _modules(model, AdapterLinear)}
-    return [_path(p) for p, m in _modules(model, nnx.Linear) if id(m) not in adapted]
+    return [path_string(p) for p, m in _modules(model, nnx.Linear) if id(m) not in adapted]
 
 
 def _set(model, path: tuple, value) -> None:
@@ -132,24 +128,24 @@ def apply(model: nnx.Module, rules: Sequence[Rule], *, rngs: nnx.Rngs) -> list[s
     plan = []
     for path, module in candidates:
         for i, rule in enumerate(rules):
-            if re.fullmatch(rule.pattern, _path(path)):
+            if re.fullmatch(rule.pattern, path_string(path)):
                 used[i] = True
                 if rule.method is not None:
                     plan.append((path, module, rule))
                 break
-    existing = [_path(p) for p, _ in candidates]
+    existing = [path_string(p) for p, _ in candidates]
     unused = [r.pattern for r, u in zip(rules, used) if not u]
     if unused or not plan:
         what = f"rules {unused} match" if unused else "the rules select"
         raise ValueError(f"{what} no nnx.Linear module; the module paths are: {existing}")
     for path, module, rule in plan:
         _set(model, path, rule.build(module, rngs))
-    return [_path(p) for p, _, _ in plan]
+    return [path_string(p) for p, _, _ in plan]
 
 
 def adapters(model: nnx.Module) -> list[tuple[str, AdapterLinear]]:
     """(path, adapter layer) for every adapter in `model`."""
-    return [(_path(p), m) for p, m in _modules(model, AdapterLinear)]
+    return [(path_string(p), m) for p, m in _modules(model, AdapterLinear)]
 
 
 def merge(model: nnx.Module) -> None:

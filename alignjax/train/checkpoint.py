@@ -53,6 +53,7 @@ import functools
 import json
 import math
 import operator
+import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -72,8 +73,8 @@ class Checkpointer:
     """Periodic, atomic, keep-N / best-by-metric checkpoints of a training run.
 
     Args:
-      directory: where the step directories live (local path or any path orbax supports).
-        Created if missing.
+      directory: where the step directories live (local path, relative ones resolved against
+        the working directory, or any path orbax supports). Created if missing.
       every: save every `every` steps (`step % every == 0`).
       keep: how many checkpoints to keep: the most recent ones, or with `best_metric` the best
         ones (plus the latest).
@@ -106,6 +107,8 @@ class Checkpointer:
             raise ValueError(f"`best_mode` must be 'min' or 'max', got {best_mode!r}")
         if best_metric is not None and not isinstance(best_metric, str):
             raise TypeError(f"`best_metric` must be a str or None, got {best_metric!r}")
+        if "://" not in str(directory):  # orbax needs absolute local paths
+            directory = os.path.abspath(os.fspath(directory))
         self.directory = epath.Path(directory)
         self.every, self.keep = every, keep
         self.best_metric, self.best_mode = best_metric, best_mode

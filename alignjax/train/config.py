@@ -23,6 +23,7 @@ __all__ = [
     "DataConfig",
     "LossConfig",
     "OptimConfig",
+    "ParamGroup",
     "PeftConfig",
     "ReferenceConfig",
     "MeshConfig",
@@ -51,7 +52,10 @@ class DataConfig:
     """Where the data comes from and how it is batched (see `alignjax.data`)."""
 
     train: str = "shipped:train"
-    eval: str | None = "shipped:test"
+    # "auto": the shipped held-out pairs for `shipped:train`; otherwise `eval_fraction` of the
+    # training rows held out (said once in the log). None: no evaluation. Or a source.
+    eval: str | None = "auto"
+    eval_fraction: float = 0.05
     tokenizer: str = "shipped"
     columns: Mapping[str, str] = dataclasses.field(default_factory=dict)
     max_length: int | None = 128
@@ -72,9 +76,10 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """A registered loss (`alignjax.losses.available()`) or a weighted combination."""
+    """A registered loss (`alignjax.losses.available()`) or a weighted combination. `name`
+    None: the task's default (paired: sigmoid, unpaired: kto, sft: sft)."""
 
-    name: str = "sigmoid"
+    name: str | None = None
     beta: float = 0.1
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     combine: tuple[tuple[str, float], ...] = ()
@@ -85,7 +90,44 @@ class LossConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParamGroup:
+    """Part of the trainable parameters with its own learning rate / weight decay, or frozen.
+
+    A parameter belongs to the first group that matches it: `match` (a regex searched in the
+    '/'-joined path, e.g. "heads/" or "layers/0/") and / or `label` ("heads": the loss's
+    trainable heads, e.g. SparsePO's mask heads; "adapters": PEFT parameters; "1d": vectors).
+    `learning_rate` None keeps the run's; the group follows the same warm-up and decay shape."""
+
+    match: str | None = None
+    label: str | None = None
+    learning_rate: float | None = None
+    weight_decay: float | None = None
+    frozen: bool = False
+
+    def __post_init__(self):
+        import re
+
+        from alignjax.train.builders import GROUP_LABELS
+
+        if self.match is None and self.label is None:
+            raise ValueError("a parameter group needs `match` (a regex) or `label`")
+        if self.match is not None:
+            try:
+                re.compile(self.match)
+            except re.error as err:
+                raise ValueError(f"`match` {self.match!r} is not a regex: {err}") from None
+        if self.label is not None and self.label not in GROUP_LABELS:
+            raise ValueError(f"`label` must be one of {GROUP_LABELS}, got {self.label!r}")
+        if self.frozen and (self.learning_rate is not None or self.weight_decay is not None):
+            raise ValueError("a frozen group takes no `learning_rate` / `weight_decay`")
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimConfig:
+    """The optimizer (`builders.OPTIMIZERS`), its schedule (`builders.SCHEDULES`) after a
+    linear warm-up, clipping, accumulation and parameter groups. Weight decay skips biases,
+    norm scales and other 1-D parameters unless `decay_1d`."""
+
     name: str = "adamw"
     learning_rate: float = 5e-4
     schedule: str = "cosine"  # constant | linear | cosine, after linear warm-up
@@ -96,11 +138,13 @@ class OptimConfig:
     eps: float = 1e-8
     clip_norm: float | None = 1.0
     grad_accum: int = 1
+    groups: tuple[ParamGroup, ...] = ()
+    decay_1d: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class PeftConfig:
-    method: str | None = None  # None | "lora" | "bone" | "adalora"
+    method: str | None = None  # None or a `builders.PEFT_METHODS` name ("lora", "adalora", ...)
     r: int = 8
     alpha: float = 16.0
     targets: str = r".*(q_proj|k_proj|v_proj|o_proj)"
@@ -155,7 +199,13 @@ class TrainConfig:
     """One training run. `task`: "sft", "paired" (DPO family, SPPO), or "unpaired" (KTO/BCO).
 
     `init_from`: a previous run's output directory (its `export/merged` model) or an HF model
-    directory; it replaces `model.path` / `model.preset`."""
+    directory; it replaces `model.path` / `model.preset`.
+
+    `imports`: Python modules (dotted names) or .py files imported before the config is checked,
+    so the losses, optimizers, presets or PEFT methods they register can be named here (a
+    relative file path is made absolute; `alignjax eval` / `export` import them again).
+    Choices (task, loss, optimizer, schedule, preset, PEFT method) are checked against the
+    registries when the config is built, naming the key."""
 
     task: str = "paired"
     steps: int = 100
@@ -176,6 +226,70 @@ class TrainConfig:
     reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    imports: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        imports = tuple(_absolute_if_file(x) for x in self.imports)
+        object.__setattr__(self, "imports", imports)
+        import_plugins(imports)
+        validate(self)
+
+
+def _absolute_if_file(name: str) -> str:
+    return str(Path(name).absolute()) if name.endswith(".py") else name
+
+
+_IMPORTED: dict[str, Any] = {}
+
+
+def import_plugins(imports: Sequence[str]) -> None:
+    """Import each module name or .py file once (their registrations take effect)."""
+    import importlib
+
+    for name in imports:
+        if name in _IMPORTED:
+            continue
+        if name.endswith(".py"):
+            path = Path(name)
+            if not path.is_file():
+                raise ValueError(f"`imports`: {name!r} does not exist")
+            spec = importlib.util.spec_from_file_location(f"alignjax_import_{len(_IMPORTED)}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            try:
+                module = importlib.import_module(name)
+            except ImportError as err:
+                raise ValueError(f"`imports`: cannot import {name!r}: {err}") from None
+        _IMPORTED[name] = module
+
+
+def _choice(key: str, value, options) -> None:
+    if value not in options:
+        raise ValueError(f"`{key}` must be one of {sorted(options)}, got {value!r}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every named choice of `cfg` against its registry (a ValueError names the key)."""
+    from alignjax import losses
+    from alignjax.losses.needs import TASKS
+    from alignjax.train import builders as B
+
+    _choice("task", cfg.task, TASKS)
+    _choice("optim.name", cfg.optim.name, B.OPTIMIZERS)
+    _choice("optim.schedule", cfg.optim.schedule, B.SCHEDULES)
+    if cfg.model.path is None and cfg.init_from is None:
+        _choice("model.preset", cfg.model.preset, B.PRESETS)
+    if cfg.peft.method is not None:
+        _choice("peft.method", cfg.peft.method, B.PEFT_METHODS)
+    names = [n for n, _ in cfg.loss.combine] or ([cfg.loss.name] if cfg.loss.name else [])
+    for i, name in enumerate(names):
+        key = f"loss.combine[{i}]" if cfg.loss.combine else "loss.name"
+        _choice(key, name, losses.available())
+    if cfg.steps < 1:
+        raise ValueError(f"`steps` must be >= 1, got {cfg.steps}")
+    if not 0.0 < cfg.data.eval_fraction < 1.0:
+        raise ValueError(f"`data.eval_fraction` must be in (0, 1), got {cfg.data.eval_fraction}")
 
 
 # ------------------------------------------------------------------------------ conversion

@@ -54,6 +54,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from alignjax.optim.labels import path_string
+
 __all__ = [
     "AXES",
     "BATCH_AXES",
@@ -148,25 +150,6 @@ class Fallback(NamedTuple):
     mesh_size: int
 
 
-def _path_str(keypath: Sequence[Any]) -> str:
-    parts = []
-    for key in keypath:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:
-            parts.append(str(key))
-    # An nnx.Variable flattens to its payload under the attribute "value": not part of the name.
-    if parts and parts[-1] == "value" and isinstance(keypath[-1], jax.tree_util.GetAttrKey):
-        parts.pop()
-    return "/".join(parts)
-
-
 def _entry_axes(entry) -> tuple[str, ...]:
     if entry is None:
         return ()
@@ -189,7 +172,7 @@ def _assign(state, mesh: Mesh, rules: Rules) -> tuple[Any, list[Fallback]]:
     fallbacks: list[Fallback] = []
 
     def one(keypath, leaf):
-        path = _path_str(keypath)
+        path = path_string(keypath)
         shape = tuple(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf))
         match = next((rule for rule in compiled if rule[0].search(path)), None)
         if match is None:
@@ -313,7 +296,7 @@ def shard_batch(batch, mesh: Mesh):
 
     def one(keypath, leaf):
         x = np.asarray(leaf)
-        name = _path_str(keypath) or "batch"
+        name = path_string(keypath) or "batch"
         if x.ndim < 1:
             raise ValueError(f"batch leaf {name!r} is a scalar; it needs a leading batch axis")
         if x.shape[0] % local_shards:
@@ -368,7 +351,7 @@ def split_for_pmap(batch, n_devices: int | None = None):
         raise ValueError(f"`n_devices` must be a positive int, got {n!r}")
 
     def one(keypath, x):
-        name = _path_str(keypath) or "batch"
+        name = path_string(keypath) or "batch"
         shape = np.shape(x)
         if not shape or shape[0] % n:
             raise ValueError(

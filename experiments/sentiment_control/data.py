@@ -1,6 +1,6 @@
 """Prompts, Bradley-Terry preference pairs and SPPO win probabilities from scored samples.
 
-Prompts are review openings of the synthetic language (`synthetic._prompt`), drawn from
+Prompts are review openings of the synthetic language (`synthetic.review_opening`), drawn from
 `random.Random(f"sentiment-{split}-{seed}-{i}")`; held-out prompts skip every training prompt,
 so the two sets are disjoint by construction (and checked).
 
@@ -34,7 +34,7 @@ def draw_prompts(split: str, n: int, seed: int, exclude: frozenset[str] = frozen
     """`n` distinct review openings of `split`, none of them in `exclude`."""
     out, seen, i = [], set(exclude), 0
     while len(out) < n:
-        prompt = synthetic._prompt(random.Random(f"sentiment-{split}-{seed}-{i}"))
+        prompt = synthetic.review_opening(random.Random(f"sentiment-{split}-{seed}-{i}"))
         i += 1
         if prompt not in seen:
             seen.add(prompt)

@@ -2,8 +2,8 @@
 
 On held-out completions (the chosen and rejected sides of the held-out pairs, sampled from the
 reference policy), the masks a run's loss would use are computed exactly as in the train step
-(`step._reference_hidden` for the reference's layer outputs / activations, then
-`step.token_masks`), for the trained state and for the state before training (SparsePO's heads
+(`forward.reference_outputs` for the reference's layer outputs / activations, then
+`forward.token_masks`), for the trained state and for the state before training (SparsePO's heads
 at initialisation: the control). Every completion token (the EOS included) is classed as
 *lexicon* when it overlaps a word of the gold reward's lexicon (`synthetic.POSITIVE`,
 `NEGATIVE`, `POSITIVE_VERBS`, `NEGATIVE_VERBS`), found by character offsets of the decoded
@@ -28,8 +28,8 @@ import numpy as np
 
 from alignjax import data as D
 from alignjax.data import synthetic
+from alignjax.train import forward, trainer
 from alignjax.train import step as S
-from alignjax.train import trainer
 
 __all__ = ["load_pairs", "token_classes", "mask_stats", "plot_masks"]
 
@@ -57,8 +57,8 @@ def _mask_fn(spec: S.StepSpec):
     if key not in _JITTED:
 
         def fn(state, batch):
-            ref_out, _ = S._reference_hidden(spec, state, state.params, batch)
-            return S.token_masks(spec, state, state.params, ref_out, batch.loss_mask)
+            ref_out, _ = forward.reference_outputs(spec, state, state.params, batch)
+            return forward.token_masks(spec, state, state.params, ref_out, batch.loss_mask)
 
         _JITTED[key] = jax.jit(fn)
     return _JITTED[key]

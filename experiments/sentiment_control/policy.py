@@ -25,10 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alignjax import models, peft
+from alignjax import models
 from alignjax.data import synthetic
-from alignjax.train import step as S
-from alignjax.train import trainer
+from alignjax.train import open_run
 
 __all__ = [
     "Samples",
@@ -54,22 +53,12 @@ class Samples:
 
 
 def load_run(run_dir: str | Path, like: nnx.Module):
-    """(session, policy) of a finished run: the latest checkpoint's state in `session.state`
-    (the state before training in `session.initial_state`) and the policy as a plain model
-    (LoRA adapters merged) with the graph definition of `like` (the reference model).
-
-    Why `like` and `on_device`: the trainer builds models with `param_dtype=jnp.dtype(
-    "float32")` and `models.load_pretrained` with `jnp.float32`, two graph definitions that
-    compare equal but hash differently; and restored arrays are committed to a device where
-    loaded ones are not. Either difference makes `nnx.jit` (the sampler) compile again for every
-    policy (4 s each)."""
-    session = trainer._session_from_run(run_dir, ["data.eval=null"])
-    initial = session.state
-    trainer._restore_latest(session)
-    session.initial_state = initial
-    policy = S.model_of(session.host_state())
-    if session.adapted:
-        policy = peft.unload(policy, merge_first=True)
+    """(session, policy) of a finished run (`train.open_run`: the latest checkpoint's state in
+    `session.state`, the state before training in `session.initial_state`) and the policy as a
+    plain model (LoRA adapters merged), committed to the default device like the reference
+    `like`, so the sampler (`nnx.jit`) compiles once for every policy."""
+    session = open_run(run_dir, overrides=["data.eval=null"])
+    policy = session.policy(merged=True)
     return session, on_device(nnx.merge(nnx.graphdef(like), nnx.state(policy)))
 
 

@@ -1,0 +1,91 @@
+"""A run's data: tokenized train and eval splits, checked against the task.
+
+`data.eval` is "auto" by default: the shipped held-out pairs when training on `shipped:train`,
+otherwise a held-out slice (`data.eval_fraction`, drawn with `data.seed`) of the training data
+itself, removed from training and said once in the log; never unrelated data. `data.eval=null`
+turns evaluation off; any other value names a source.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from alignjax import data as D
+
+__all__ = ["TASK_KINDS", "load_split", "load_data", "hold_out"]
+
+log = logging.getLogger(__name__)
+
+TASK_KINDS = {
+    "sft": ("language_modeling", "prompt_completion"),
+    "paired": ("paired", "sppo"),
+    "unpaired": ("unpaired",),
+}
+MIN_HOLD_OUT_ROWS = 20  # below this many training rows, "auto" evaluates nothing
+
+
+def load_split(source: str, cfg, tokenizer, task: str):
+    """`shipped:<split>` (train / test / sft) or a local file / directory (`path` or
+    `path::split`), tokenized and checked against the task."""
+    if source.startswith("shipped:"):
+        raw = D.shipped_dataset(source.split(":", 1)[1], cache_dir=cfg.data.cache_dir)
+    else:
+        path, _, split = source.partition("::")
+        raw = D.load_preference_dataset(path, split=split or "train", cache_dir=cfg.data.cache_dir)
+    d = cfg.data
+    tok_cfg = D.TokenizeConfig(
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        max_completion_length=d.max_completion_length,
+        truncation_mode=d.truncation_mode,
+    )
+    tokenized = D.tokenize_dataset(
+        raw, tokenizer, config=tok_cfg, columns=dict(d.columns) or None, on_error=d.on_error
+    )
+    if tokenized.format.kind not in TASK_KINDS[task]:
+        raise ValueError(
+            f"{source!r} holds {tokenized.format.kind} rows, but task={task!r} needs "
+            f"{' or '.join(TASK_KINDS[task])} rows"
+        )
+    if tokenized.report.n_skipped:
+        log.warning("%s: %s", source, tokenized.report)
+    return tokenized
+
+
+def hold_out(tokenized, fraction: float, seed: int):
+    """(train, held-out) rows of a tokenized split: `fraction` of them (at least one) drawn
+    with `seed`, both in their original order."""
+    n = len(tokenized)
+    k = max(1, int(round(fraction * n)))
+    held = np.sort(np.random.default_rng(seed).permutation(n)[:k])
+    keep = np.setdiff1d(np.arange(n), held)
+
+    def subset(idx):
+        return D.TokenizedDataset(tokenized.dataset.select(idx.tolist()), tokenized.format,
+                                  tokenized.report, tokenized.pad_id)  # fmt: skip
+
+    return subset(keep), subset(held)
+
+
+def load_data(cfg, tokenizer, *, with_train_data: bool = True):
+    """(train, eval) tokenized splits of a run (either may be None; see the module docstring)."""
+    d = cfg.data
+    source = d.eval
+    if source == "auto" and d.train == "shipped:train":
+        source = "shipped:test"
+    if source != "auto":
+        train = load_split(d.train, cfg, tokenizer, cfg.task) if with_train_data else None
+        held = load_split(source, cfg, tokenizer, cfg.task) if source else None
+        return train, held
+    train = load_split(d.train, cfg, tokenizer, cfg.task)
+    if len(train) < MIN_HOLD_OUT_ROWS:
+        log.warning("data.eval=auto: %s has %d rows, too few to hold out a slice; no evaluation "
+                    "(pass data.eval=<source>)", d.train, len(train))  # fmt: skip
+        return (train if with_train_data else None), None
+    train, held = hold_out(train, d.eval_fraction, d.seed)
+    log.warning("data.eval=auto: evaluating on %d of the %d rows of %s, held out of training "
+                "(data.eval_fraction=%g, data.seed=%d; data.eval=null for no evaluation)",
+                len(held), len(held) + len(train), d.train, d.eval_fraction, d.seed)  # fmt: skip
+    return (train if with_train_data else None), held

@@ -17,12 +17,22 @@ default to `cumsum(attention_mask) - 1` (left padding works), or restart at ever
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from alignjax.models.attention import (  # noqa: F401  (re-exported: models.llama.attention)
+    ATTENTION_IMPLEMENTATIONS,
+    apply_rope,
+    attention,
+    attention_mask_4d,
+    causal_attention,
+    default_positions,
+    grouped_query_attention,
+    rope_frequencies,
+)
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -174,40 +184,6 @@ def _canonical_lin(lin: dict) -> dict:
     }
 
 
-def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
-    """Inverse frequencies `theta^(-2i/d)`, with Llama 3's scaling when configured (long
-    wavelengths divided by `factor`, short ones kept, a smooth blend between)."""
-    d = cfg.dim_per_head
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    scaling = cfg.rope or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind is None:
-        return inv
-    if kind != "llama3":
-        raise ValueError(f"unsupported rope scaling {kind!r}; supported: llama3")
-    factor = scaling["factor"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    original = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv
-    low_wavelen, high_wavelen = original / low, original / high
-    scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
-    smooth = (original / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return jnp.where(medium, blended, scaled)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """transformers' rotate-half convention on [B, T, heads, head_dim], computed in float32."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, d/2]
-    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
-    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
-
-
 class RMSNorm(nnx.Module):
     """y = weight * x / sqrt(mean(x^2) + eps), normalised in float32 as transformers does."""
 
@@ -220,77 +196,6 @@ class RMSNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
-
-
-def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(d), masked) v (Vaswani et al. 2017, arXiv:1706.03762, eq. 1) with
-    grouped-query heads (Ainslie et al. 2023, arXiv:2305.13245): q [B, T, H, d], k and v
-    [B, S, KV, d], mask [B, 1, T, S] (True: visible); key/value head j serves query heads
-    j * H/KV .. (j + 1) * H/KV - 1, as transformers' `repeat_kv`.
-
-    The H/KV query heads of one key/value head are stacked along the query axis, so that each
-    score matrix is a single [H/KV * T, d] x [d, S] product per (batch, key/value head): on CPU this
-    is about twice as fast (forward + backward) as `jax.nn.dot_product_attention`'s XLA path, which
-    maps the group axis to a leading batch axis and transposes the [B, H, T, S] scores around it.
-    As in transformers, the scale is applied to the scores and the softmax is taken in float32.
-    """
-    b, t, heads, d = q.shape
-    s, kv = k.shape[1], k.shape[2]
-    group = heads // kv
-    q = q.reshape(b, t, kv, group, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, group * t, d)
-    scores = jnp.einsum("bkqd,bskd->bkqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, kv, group, t, s) * (d**-0.5)
-    # A large finite negative, not -inf: a fully masked row stays finite (uniform) instead of NaN.
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, group * t, s)
-    out = jnp.einsum("bkqs,bskd->bkqd", probs, v).reshape(b, kv, group, t, d)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, d)
-
-
-def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, block: int = 128
-) -> jax.Array:
-    """`grouped_query_attention` over T queries and the same T keys when `mask` hides every later
-    key (as `attention_mask_4d` does). The queries are cut into n = min(8, T // block) blocks and
-    block [a, b) is scored against keys [0, b) only: the keys it skips are masked for all of its
-    queries and would get exactly zero probability. That skips (n - 1) / 2n of the score matrix
-    (a quarter at n = 2, 7/16 at n = 8), in compute and in the memory kept for the backward pass.
-    """
-    t = q.shape[1]
-    n = max(1, min(8, t // block))
-    bounds = [t * i // n for i in range(n + 1)]
-    return jnp.concatenate(
-        [
-            grouped_query_attention(q[:, a:b], k[:, :b], v[:, :b], mask[:, :, a:b, :b])
-            for a, b in zip(bounds[:-1], bounds[1:])
-        ],
-        axis=1,
-    )
-
-
-ATTENTION_IMPLEMENTATIONS = ("auto", "grouped", "jax", "cudnn")
-
-
-def attention(q, k, v, mask, *, implementation: str = "auto", causal: bool = False):
-    """Masked grouped-query attention by `implementation`:
-
-    - "grouped": `causal_attention` (when `causal`, i.e. queries and keys are the same T
-      positions) or `grouped_query_attention`: plain XLA, the fastest here on CPU.
-    - "jax": `jax.nn.dot_product_attention` (its XLA path; jax 0.10 picks no fused kernel
-      by itself).
-    - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA's fused kernel
-      (fp16 / bf16 on GPU). Not exercised by the tests here (no GPU).
-    - "auto": "grouped" on CPU, "jax" elsewhere.
-
-    All of them are exact up to float rounding (tests compare "grouped" and "jax").
-    """
-    if implementation == "auto":
-        implementation = "grouped" if jax.default_backend() == "cpu" else "jax"
-    if implementation == "grouped":
-        fn = causal_attention if causal else grouped_query_attention
-        return fn(q, k, v, mask)
-    impl = None if implementation == "jax" else implementation
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
 def _linear(n_in, n_out, bias, cfg_kw, rngs):
@@ -385,33 +290,6 @@ class LlamaModel(nnx.Module):
         )
         self.layers = nnx.List([DecoderLayer(cfg, lin, rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=lin["param_dtype"])
-
-
-def attention_mask_4d(attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    """[B, 1, T, T] booleans: causal, keys on real tokens, and (when packed) the same segment."""
-    t = attention_mask.shape[-1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    keys = attention_mask.astype(bool)[:, None, None, :]
-    mask = causal[None, None] & keys
-    if segment_ids is not None:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        mask = mask & same[:, None]
-    # A query row with no visible key (a padding position) attends to itself: finite, ignored.
-    return mask | jnp.eye(t, dtype=bool)[None, None]
-
-
-def default_positions(attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    """cumsum(mask) - 1 (so left padding starts real tokens at 0), restarting per segment."""
-    m = attention_mask.astype(jnp.int32)
-    if segment_ids is None:
-        return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
-    t = m.shape[-1]
-    idx = jnp.arange(t)
-    start = jnp.concatenate(
-        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], -1
-    )
-    first = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
-    return idx - first
 
 
 class LlamaForCausalLM(nnx.Module):

@@ -234,3 +234,29 @@ def test_eval_defaults_to_a_held_out_slice_of_the_users_data(tmp_path, caplog):
     shipped_train, shipped_test = load_data(C.load_config(None, ["data.max_length=64"]), tok)
     assert len(shipped_test) == 200 and len(shipped_train) == 1000
     assert load_data(C.load_config(None, [f"data.train={path}", "data.eval=null"]), tok)[1] is None
+
+
+def test_group_labels_select_heads_adapters_and_vectors():
+    """SparsePO's mask heads in their own group: frozen heads get zero updates, the policy its
+    own; "1d" and regex groups label the leaves they name, the rest stays "default"."""
+    params = {
+        "policy": {"layers": {"0": {"kernel": jnp.ones((2, 2)), "norm": jnp.ones(2)}}},
+        "heads": {"reward": {"proj": jnp.ones((2, 1))}},
+    }
+    groups = (C.ParamGroup(label="heads", frozen=True), C.ParamGroup(label="1d"),
+              C.ParamGroup(match="kernel$", learning_rate=0.5))  # fmt: skip
+    labels = builders.group_labels(groups)(params)
+    assert labels == {"policy": {"layers": {"0": {"kernel": "group2", "norm": "group1"}}},
+                      "heads": {"reward": {"proj": "group0"}}}  # fmt: skip
+    cfg = C.load_config(None, ["optim.name=sgd", "optim.b1=0.0", "optim.learning_rate=0.1",
+                               "optim.warmup_steps=0", "optim.schedule=constant",
+                               "optim.clip_norm=null"])  # fmt: skip
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, groups=groups))
+    tx, _ = builders.build_optimizer(cfg)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["heads"]["reward"]["proj"], 0.0)
+    np.testing.assert_allclose(updates["policy"]["layers"]["0"]["kernel"], -0.5)
+    np.testing.assert_allclose(updates["policy"]["layers"]["0"]["norm"], -0.1)

@@ -116,6 +116,9 @@ def test_eval_metrics_against_numpy(demo):
     assert got["examples"] == w.sum()
     np.testing.assert_allclose(got["loss"], np.mean(np.float64(p["losses"])[w]), rtol=1e-9)
     np.testing.assert_allclose(got["rewards/accuracies"], np.mean(c > r), rtol=1e-9)
+    # Margins c - r in float64 on both sides (a float32 subtraction rounds each by up to 2^-24 of
+    # itself: 2^-24 sum|m| / |sum m| = 8.9e-8 of the mean here, 7e-9 was observed); then 1e-9
+    # covers float64 sums of 40 values in another order (~40 * 2^-53 * 1.5 = 7e-15).
     np.testing.assert_allclose(got["rewards/margins"], np.mean(c - r), rtol=1e-9)
     nll = -np.sum(np.float64(p["chosen_logps"])[w]) / np.sum(np.float64(p["chosen_tokens"])[w])
     np.testing.assert_allclose(got["nll/chosen"], nll, rtol=1e-9)

@@ -107,6 +107,7 @@ def run_script(relative: str, *args: str) -> subprocess.CompletedProcess:
 SMOKE_VARIANTS = "naive_logps,fused_logps,naive_kl,fused_kl"
 
 
+@pytest.mark.slow  # runs a script in a subprocess
 @pytest.mark.parametrize("variants", [SMOKE_VARIANTS])
 def test_benchmark_runs_and_reports_ratios(tmp_path, variants):
     """The main job's script works end to end on a tiny size (numbers are not asserted)."""
@@ -152,6 +153,7 @@ def test_docstring_examples_run(module):
     assert result.attempted > 0 and result.failed == 0, module
 
 
+@pytest.mark.slow  # runs a script in a subprocess
 @pytest.mark.parametrize(
     "script,key,expected",
     [
@@ -167,6 +169,7 @@ def test_experiment_quick_run(tmp_path, script, key, expected):
     assert {r[key] for r in summary["rows"]} == expected
 
 
+@pytest.mark.slow  # runs a script in a subprocess
 def test_optim_benchmark_runs(tmp_path):
     """benchmarks/optim.py works end to end on a tiny tree (numbers are not asserted)."""
     out = tmp_path / "optim"
@@ -179,6 +182,7 @@ def test_optim_benchmark_runs(tmp_path):
     assert {r["variant"] for r in rows} == {"adamp", "adamw"}
 
 
+@pytest.mark.slow  # runs a script in a subprocess
 def test_model_benchmark_runs(tmp_path):
     """benchmarks/model.py works end to end on a tiny config (numbers are not asserted)."""
     out = tmp_path / "model"
@@ -188,6 +192,7 @@ def test_model_benchmark_runs(tmp_path):
     assert rows[0]["variant"] == "alignjax (JAX)" and rows[0]["seconds"] > 0
 
 
+@pytest.mark.slow  # runs a script in a subprocess
 def test_packing_benchmark_runs(tmp_path):
     """benchmarks/packing.py works end to end on a few pairs; every variant sees every token."""
     out = tmp_path / "packing"

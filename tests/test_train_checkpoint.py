@@ -295,6 +295,7 @@ def temporary_paths(directory):
     return [p for p in directory.rglob("*") if "tmp" in p.name or p.name == "_deleted"]
 
 
+@pytest.mark.slow  # kills subprocesses mid-save
 def test_sigkill_mid_save_leaves_a_restorable_latest_step(tmp_path):
     directory = tmp_path / "ckpt"
     script = tmp_path / "child.py"

@@ -256,9 +256,9 @@ def test_cpu_collectives_default_to_gloo():
     old = jax.config.jax_cpu_collectives_implementation
     try:
         jax.config.update("jax_cpu_collectives_implementation", None)
-        distributed._ensure_cpu_collectives(None)
+        distributed.choose_cpu_collectives(None)
         assert jax.config.jax_cpu_collectives_implementation == "gloo"
-        distributed._ensure_cpu_collectives("mpi")
+        distributed.choose_cpu_collectives("mpi")
         assert jax.config.jax_cpu_collectives_implementation == "mpi"
     finally:
         jax.config.update("jax_cpu_collectives_implementation", old)

@@ -260,3 +260,25 @@ def test_group_labels_select_heads_adapters_and_vectors():
     np.testing.assert_array_equal(updates["heads"]["reward"]["proj"], 0.0)
     np.testing.assert_allclose(updates["policy"]["layers"]["0"]["kernel"], -0.5)
     np.testing.assert_allclose(updates["policy"]["layers"]["0"]["norm"], -0.1)
+
+
+def test_imports_register_user_parts_before_the_config_is_checked(tmp_path, monkeypatch):
+    """A plugin file named in `imports` (relative: made absolute, so `alignjax eval` finds it
+    again from another directory) registers a loss and a preset the config may then name."""
+    plugin = tmp_path / "my_parts.py"
+    plugin.write_text(
+        "from alignjax import losses\n"
+        "from alignjax.train import builders\n"
+        "losses.register('plugin_sigmoid', losses.get('sigmoid'), overwrite=True)\n"
+        "builders.register_preset('plugin_tiny', overwrite=True, hidden_size=32,\n"
+        "    intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)\n"
+    )
+    with pytest.raises(ValueError, match="`loss.name` must be one of"):
+        C.load_config(None, ["loss.name=plugin_sigmoid_missing"])
+    monkeypatch.chdir(tmp_path)
+    cfg = C.load_config(None, ["imports=[my_parts.py]", "loss.name=plugin_sigmoid",
+                               "model.preset=plugin_tiny"])  # fmt: skip
+    assert cfg.imports == (str(plugin),)
+    assert C.from_dict(C.TrainConfig, C.to_dict(cfg)) == cfg
+    with pytest.raises(ValueError, match="imports"):
+        C.load_config(None, ["imports=[no_such_module_here]"])

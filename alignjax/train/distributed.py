@@ -66,6 +66,7 @@ __all__ = [
     "ENV_COORDINATOR",
     "ENV_NUM_PROCESSES",
     "ENV_PROCESS_ID",
+    "choose_cpu_collectives",
     "ENV_LOCAL_DEVICE_IDS",
     "DistributedInfo",
     "initialize",
@@ -179,7 +180,7 @@ def _local_ids(value, source: str | None) -> list[int] | None:
     return [_as_int(v, "local_device_ids", source) for v in value]
 
 
-def _ensure_cpu_collectives(implementation: str | None) -> None:
+def choose_cpu_collectives(implementation: str | None) -> None:
     """Choose the CPU cross-process collectives before the CPU client exists."""
     if implementation is not None:
         jax.config.update("jax_cpu_collectives_implementation", implementation)
@@ -293,7 +294,7 @@ def initialize(
         if missing:
             raise ValueError(f"num_processes={num_processes} also needs " + " and ".join(missing))
 
-    _ensure_cpu_collectives(cpu_collectives)
+    choose_cpu_collectives(cpu_collectives)
     try:
         jax.distributed.initialize(
             coordinator_address,

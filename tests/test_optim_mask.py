@@ -96,7 +96,7 @@ def make(opt, weight_decay=WD, **kw):
     return optim.sgdp(3e-2, momentum=0.9, weight_decay=weight_decay, nesterov=nesterov, **kw)
 
 
-@pytest.fixture(params=["float32", "float64"])
+@pytest.fixture(params=["float32", pytest.param("float64", marks=pytest.mark.slow)])
 def dtype(request):
     if request.param == "float64":
         with jax.enable_x64(True):

@@ -76,7 +76,9 @@ def equal_trees(a, b, what):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=what)
 
 
-@pytest.mark.parametrize("with_heads, clip", [(False, False), (True, True)])
+@pytest.mark.parametrize(
+    "with_heads, clip", [(False, False), pytest.param(True, True, marks=pytest.mark.slow)]
+)
 def test_matches_the_manual_peft_loop(with_heads, clip):
     model, tree, policy, loss = setup(with_heads)
     adam = optax.adam(0.05)

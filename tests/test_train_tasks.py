@@ -182,6 +182,7 @@ def test_sppo_batches_match_the_loss_on_dense_logps(loss):
     check_step(S.StepSpec(task="paired", loss=loss, loss_kwargs=kw), state, batch, direct)
 
 
+@pytest.mark.slow  # whole runs through the trainer
 @pytest.mark.parametrize(
     "rows, overrides",
     [
@@ -279,6 +280,7 @@ def test_token_mask_losses_need_the_reference_in_the_step():
         step(state, first_batch(paired_rows()))
 
 
+@pytest.mark.slow  # whole runs through the trainer
 @pytest.mark.parametrize(
     "overrides",
     [["loss.name=sparsepo", "loss.independent_masks=true", "peft.method=lora",

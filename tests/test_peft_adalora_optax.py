@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_peft import Block  # the two-layer q/v block the PEFT tests adapt
 
 from alignjax import peft
 from alignjax.peft import adalora_optax
@@ -21,24 +22,6 @@ from alignjax.peft import adalora_optax
 SCHED = peft.AdaLoraSchedule(init_r=4, target_r=2, tinit=1, tfinal=2, total_step=8)
 STEPS = 10  # two steps past T: the fixed phase re-zeroes regrown e
 CLIP = 0.05  # small enough to clip these grads (asserted)
-
-
-class Block(nnx.Module):
-    def __init__(self, rngs):
-        self.layers = nnx.List([self._layer(rngs) for _ in range(2)])
-        self.head = nnx.Linear(8, 3, rngs=rngs)
-
-    @staticmethod
-    def _layer(rngs):
-        layer = nnx.Module()
-        layer.q_proj = nnx.Linear(8, 8, rngs=rngs)
-        layer.v_proj = nnx.Linear(8, 8, rngs=rngs)
-        return layer
-
-    def __call__(self, x):
-        for layer in self.layers:
-            x = jnp.tanh(x + layer.q_proj(x) * layer.v_proj(x))
-        return self.head(x)
 
 
 def adalora_model(method="adalora", **options):

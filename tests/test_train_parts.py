@@ -282,3 +282,22 @@ def test_imports_register_user_parts_before_the_config_is_checked(tmp_path, monk
     assert C.from_dict(C.TrainConfig, C.to_dict(cfg)) == cfg
     with pytest.raises(ValueError, match="imports"):
         C.load_config(None, ["imports=[no_such_module_here]"])
+
+
+def test_reference_free_losses_skip_the_reference_forward():
+    """SimPO with the default frozen reference: no reference forward in the step (the loss
+    does not read it), so its token stats carry no reference log-probs."""
+    model = models.LlamaForCausalLM(models.LlamaConfig(vocab_size=32, hidden_size=8,
+                                    intermediate_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2), rngs=nnx.Rngs(0))  # fmt: skip
+    state = S.init_state(model, optax.sgd(0.1))
+    ids = jnp.arange(2 * 6).reshape(2, 6) % 32
+    batch = data.Batch(input_ids=ids, attention_mask=jnp.ones_like(ids),
+                       positions=jnp.broadcast_to(jnp.arange(6), (2, 6)),
+                       labels=jnp.roll(ids, -1, axis=1), loss_mask=jnp.ones_like(ids),
+                       valid=jnp.ones((1,), jnp.int32),
+                       rows=jnp.zeros((1,), jnp.int32))  # fmt: skip
+    simpo = S.token_stats(S.StepSpec(loss="simpo"), state, state.params, batch)
+    dpo = S.token_stats(S.StepSpec(loss="sigmoid"), state, state.params, batch)
+    assert simpo.ref_logps is None and dpo.ref_logps is not None
+    np.testing.assert_array_equal(simpo.logps, dpo.logps)

@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import optax
+from flax import nnx
 
 from alignjax import peft
 from alignjax.optim import adamp, decay_mask, path_string, sgdp
@@ -120,15 +121,9 @@ class PeftMethod:
 def _rule_method(name: str) -> Callable:
     def apply(model, p, seed: int, options: dict):
         rule = peft.Rule(p.targets, name, rank=p.r, alpha=p.alpha, options=options)
-        return peft.apply(model, [rule], rngs=peft_rngs(seed))
+        return peft.apply(model, [rule], rngs=nnx.Rngs(seed))
 
     return apply
-
-
-def peft_rngs(seed: int):
-    from flax import nnx
-
-    return nnx.Rngs(seed)
 
 
 ADALORA_SCHEDULE = ("target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2")
@@ -234,15 +229,10 @@ def group_labels(groups, *, heads_key: str = "heads") -> Callable:
                     return f"group{i}"
             return "default"
 
-        return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_variable)
+        is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731  (a Variable is a leaf)
+        return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_variable)
 
     return labels
-
-
-def _is_variable(x) -> bool:
-    from flax import nnx
-
-    return isinstance(x, nnx.Variable)
 
 
 def _decay_mask(decay_1d: bool) -> Callable | None:

@@ -62,7 +62,9 @@ def policy_outputs(model, batch, *, reads: str | None = None):
 def reference_outputs(spec, state: TrainState, params, batch):
     """The reference model's output (final hidden states, and the layer outputs or activations
     the loss's mask provider reads) and LM head, without gradient; (None, None) when the
-    reference is not run in the step ("precomputed", "none")."""
+    reference is not run in the step ("precomputed", "none", or a reference-free loss)."""
+    if not (spec.needs.reference or spec.needs.reference_in_step):
+        return None, None
     reads = None if spec.masks is None else spec.masks.reads
     if spec.reference == "frozen":
         if state.ref is None:

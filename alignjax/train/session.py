@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from alignjax import data as D
@@ -61,9 +60,8 @@ def model_dir(cfg: cfg_lib.TrainConfig) -> Path | None:
 
 def build_model(cfg: cfg_lib.TrainConfig, tokenizer) -> models.LlamaForCausalLM:
     """The policy: an HF directory / previous run, or a random model of `model.preset` size."""
+    # dtype names as given: the model canonicalises them (one graph definition either way).
     kw = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
-    kw = {**kw, "dtype": None if kw["dtype"] is None else jnp.dtype(kw["dtype"]),
-          "param_dtype": jnp.dtype(kw["param_dtype"])}  # fmt: skip
     directory = model_dir(cfg)
     if directory is not None:
         model = models.load_pretrained(directory, **kw)

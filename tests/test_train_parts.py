@@ -138,10 +138,13 @@ def test_config_choices_are_validated_against_the_registries():
     builders.register_optimizer(
         "test_plain_sgd", lambda o, lr, wd, mask: optax.sgd(lr), overwrite=True
     )
-    tx, _ = builders.build_optimizer(C.load_config(None, ["optim.name=test_plain_sgd"]))
+    cfg = C.load_config(None, ["optim.name=test_plain_sgd", "optim.learning_rate=0.25",
+                               "optim.warmup_steps=0", "optim.schedule=constant",
+                               "optim.clip_norm=null"])  # fmt: skip
+    tx, _ = builders.build_optimizer(cfg)
     params = {"w": jnp.ones(3)}
-    updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
-    assert updates["w"].shape == (3,)
+    updates, _ = tx.update({"w": jnp.full(3, 2.0)}, tx.init(params), params)
+    np.testing.assert_array_equal(updates["w"], -0.5)  # plain SGD: -lr g, no momentum or decay
     with pytest.raises(ValueError, match="frozen group"):
         C.load_config(None, ["optim.groups=[{match: x, frozen: true, learning_rate: 0.1}]"])
     with pytest.raises(ValueError, match="label"):

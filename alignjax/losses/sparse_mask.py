@@ -166,10 +166,12 @@ class SparsePOMasks:
         }
 
     def masks(self, heads, reference_output, loss_mask) -> dict:
+        if heads is None:
+            raise ValueError(f"the state has no heads; SparsePO needs {self.head_names} "
+                             "(init_state(..., heads=provider.heads(...)))")  # fmt: skip
         missing = [n for n in self.head_names if not hasattr(heads, n)]
-        if heads is None or missing:
-            raise ValueError(f"SparsePO needs heads {self.head_names}; the state lacks "
-                             f"{missing or list(self.head_names)}")  # fmt: skip
+        if missing:
+            raise ValueError(f"SparsePO needs heads {self.head_names}; the state lacks {missing}")
         hidden = jnp.stack(reference_output.hidden_states[1:])  # [L, R, T, D], no gradient
         return {f"{n}_mask": getattr(heads, n)(hidden) for n in self.head_names}
 

@@ -83,7 +83,7 @@ def token_masks(spec, state: TrainState, params, reference_output, mask) -> dict
     output, `{name: [R, T]}` in row layout; {} for losses without masks."""
     if spec.masks is None:
         return {}
-    heads = heads_of(state, params) if getattr(spec.masks, "head_names", ()) else None
+    heads = heads_of(state, params) if state.head_graphdef is not None else None
     return spec.masks.masks(heads, reference_output, mask)
 
 

@@ -25,7 +25,13 @@ from alignjax.data.batching import (
     shift_labels,
     unpack,
 )
-from alignjax.data.formats import DataFormat, RowError, detect_format, normalize_row
+from alignjax.data.formats import (
+    DataFormat,
+    RowError,
+    detect_format,
+    normalize_row,
+    unpair_preference_dataset,
+)
 from alignjax.data.load import (
     load_preference_dataset,
     load_tokenizer,
@@ -61,6 +67,7 @@ __all__ = [
     "RowError",
     "detect_format",
     "normalize_row",
+    "unpair_preference_dataset",
     "load_preference_dataset",
     "load_tokenizer",
     "shipped_dataset",

@@ -9,12 +9,23 @@ A row is normalised to canonical fields, whatever the source columns:
 | `unpaired` | prompt, completion, label (bool: desirable)                             |
 | `language_modeling` | text (or `messages`, conversational): SFT on every token          |
 | `prompt_completion` | prompt, completion: SFT on the completion tokens only             |
+| `prompt_only` | prompt: prompts for on-policy methods (TRL's "prompt-only" type)            |
+
+Extra columns TRL datasets carry are kept when present (`EXTRA_FIELDS`: `prompt_id`, and the
+UltraFeedback scores `score_chosen` / `score_rejected`, usable as pair weights or margins).
 
 Each text field is a string (standard) or a list of `{"role", "content"}` messages
 (conversational, as TRL). `implicit_prompt` datasets have no prompt column: the prompt is the
 longest common prefix of chosen and rejected (characters, or whole messages), as TRL's
 `extract_prompt`. The two SFT kinds are TRL's "language modeling" and "prompt-completion"
 dataset types. `columns` maps canonical names to the dataset's own (`{"prompt": "question"}`).
+
+Detection follows TRL 1.16's rules (`trl.data_utils`): a row is conversational when its first
+text field is a list of dicts with a "role" key; ShareGPT rows (`conversations` of
+`{"from", "value"}`) are read as `messages` as `maybe_convert_to_chatml` does; and a paired row
+whose `prompt` is not of the same type as `chosen` (the UltraFeedback-binarized shape: a string
+prompt, message lists that repeat the user turn) takes its prompt from what chosen and rejected
+share, as `maybe_extract_prompt` does (the prompt column is then not used; said once in the log).
 
 Every problem raises `RowError` (a ValueError) naming the row index and the field.
 """
@@ -25,10 +36,12 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
-KINDS = ("paired", "sppo", "unpaired", "language_modeling", "prompt_completion")
+KINDS = ("paired", "sppo", "unpaired", "language_modeling", "prompt_completion", "prompt_only")
 SFT_KINDS = ("language_modeling", "prompt_completion")
 WIN_FIELDS = ("chosen_win_prob", "rejected_win_prob", "win_prob")
 ROLES = ("system", "user", "assistant", "tool")
+EXTRA_FIELDS = ("prompt_id", "score_chosen", "score_rejected")  # kept when present
+SCORE_FIELDS = ("score_chosen", "score_rejected")
 
 
 class RowError(ValueError):
@@ -51,6 +64,8 @@ class DataFormat:
       columns: canonical field -> source column, for the fields that are renamed.
       win_fields: for "sppo", which of chosen_win_prob / rejected_win_prob / win_prob every
         row carries (both per-response probabilities, or win_prob, or all three).
+      extra_fields: which of `EXTRA_FIELDS` every row carries (kept in the tokenized rows).
+      chatml: conversational messages use ShareGPT's `from` / `value` keys (converted).
     """
 
     kind: str = "paired"
@@ -58,6 +73,8 @@ class DataFormat:
     implicit_prompt: bool = False
     columns: tuple[tuple[str, str], ...] = ()
     win_fields: tuple[str, ...] = ()
+    extra_fields: tuple[str, ...] = ()
+    chatml: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -77,6 +94,16 @@ class DataFormat:
             object.__setattr__(self, "win_fields", tuple(f for f in WIN_FIELDS if f in wins))
         elif self.win_fields:
             raise ValueError(f"`win_fields` is for kind='sppo', not {self.kind!r}")
+        unknown = set(self.extra_fields) - set(EXTRA_FIELDS)
+        if unknown:
+            raise ValueError(f"`extra_fields` must be among {EXTRA_FIELDS}, got {sorted(unknown)}")
+        if set(self.extra_fields) & set(SCORE_FIELDS) and self.kind not in ("paired", "sppo"):
+            raise ValueError(f"{SCORE_FIELDS} are scores of a pair; {self.kind} rows have none")
+        object.__setattr__(
+            self, "extra_fields", tuple(f for f in EXTRA_FIELDS if f in self.extra_fields)
+        )
+        if self.chatml and not self.conversational:
+            raise ValueError("`chatml` (from/value messages) needs conversational=True")
 
     def fields(self) -> tuple[str, ...]:
         """Canonical fields a row must have (win probabilities are checked separately)."""
@@ -84,6 +111,8 @@ class DataFormat:
             return ("prompt", "completion", "label")
         if self.kind == "prompt_completion":
             return ("prompt", "completion")
+        if self.kind == "prompt_only":
+            return ("prompt",)
         if self.kind == "language_modeling":
             return ("messages",) if self.conversational else ("text",)
         return ("chosen", "rejected") if self.implicit_prompt else ("prompt", "chosen", "rejected")
@@ -93,13 +122,45 @@ class DataFormat:
 
 
 def _is_messages(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(m, Mapping) for m in value)
+    """TRL's `is_conversational` test on one value: a list whose first item is a dict with a
+    "role" key."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], Mapping) and (
+        "role" in value[0]
+    )
+
+
+def _is_from_value(value) -> bool:
+    """TRL's `is_conversational_from_value`: ShareGPT messages (`from` / `value` keys)."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and isinstance(value[0], Mapping)
+        and "from" in value[0]
+        and "value" in value[0]
+    )
+
+
+def _describe(fmt: DataFormat) -> str:
+    shape = "conversational" if fmt.conversational else "standard"
+    prompt = ", implicit prompt" if fmt.implicit_prompt else ""
+    return f"{shape} {fmt.kind}{prompt}"
+
+
+_PAIRED_EXAMPLE = "DataFormat(kind='paired')"
 
 
 def detect_format(
-    column_names: Sequence[str], first_row: Mapping, columns: Mapping[str, str] | None = None
+    column_names: Sequence[str],
+    first_row: Mapping,
+    columns: Mapping[str, str] | None = None,
+    *,
+    kind: str | None = None,
 ) -> DataFormat:
-    """Infer the format from the column names (after `columns` renaming) and the first row."""
+    """Infer the format from the column names (after `columns` renaming) and the first row,
+    by TRL's rules (see the module docstring). `kind` forces the kind where the columns fit
+    more than one (e.g. both chosen/rejected and completion/label)."""
+    import logging
+
     columns = dict(columns or {})
     available = set(column_names)
     for field, col in columns.items():
@@ -108,33 +169,103 @@ def detect_format(
                 f"`columns` maps {field!r} to {col!r}, which is not a column; the dataset has "
                 f"{sorted(available)}"
             )
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
+    chatml = False
+    if (
+        "messages" not in columns
+        and "messages" not in available
+        and "conversations" in available
+        and _is_from_value(first_row.get("conversations"))
+    ):
+        columns["messages"], chatml = "conversations", True  # TRL's maybe_convert_to_chatml
     names = ("prompt", "chosen", "rejected", "completion", "label", "text", "messages")
-    present = {f for f in (*names, *WIN_FIELDS) if columns.get(f, f) in available}
+    present = {f for f in (*names, *WIN_FIELDS, *EXTRA_FIELDS) if columns.get(f, f) in available}
+    fits = []
+    if {"chosen", "rejected"} <= present:
+        fits.append("sppo" if present & set(WIN_FIELDS) else "paired")
     if {"completion", "label"} <= present:
-        kind, implicit, key = "unpaired", False, "completion"
-    elif {"chosen", "rejected"} <= present:
-        kind = "sppo" if present & set(WIN_FIELDS) else "paired"
-        implicit, key = "prompt" not in present, "chosen"
+        fits.append("unpaired")
     elif {"prompt", "completion"} <= present:
-        kind, implicit, key = "prompt_completion", False, "completion"
-    elif "messages" in present:
-        kind, implicit, key = "language_modeling", False, "messages"
+        fits.append("prompt_completion")
+    if "messages" in present:
+        fits.append("language_modeling")
     elif "text" in present:
-        kind, implicit, key = "language_modeling", False, "text"
+        fits.append("language_modeling")
+    if not fits and "prompt" in present:
+        fits.append("prompt_only")
+    if kind is None:
+        if not fits:
+            raise ValueError(
+                "cannot tell the dataset's format from its columns "
+                f"{sorted(available)}: expected prompt/chosen/rejected (paired), chosen/rejected "
+                "(implicit prompt), prompt/completion/label (unpaired), paired columns with "
+                "chosen_win_prob/rejected_win_prob/win_prob (SPPO), for SFT text / messages / "
+                "ShareGPT conversations (language modeling) or prompt/completion, or prompt "
+                "alone (prompt-only); map other names with `columns`"
+            )
+        pair_like = [k for k in fits if k in ("paired", "sppo", "unpaired", "prompt_completion")]
+        if len(pair_like) > 1:
+            raise ValueError(
+                f"the columns {sorted(available)} fit both {pair_like[0]} rows (chosen/rejected) "
+                f"and {pair_like[1]} rows (completion...): TRL's rules do not decide between "
+                f"them; pass `DataFormat(kind=...)` (e.g. {_PAIRED_EXAMPLE}) or the config key "
+                "`data.format`"
+            )
+        kind = fits[0]
+    implicit = False
+    if kind in ("paired", "sppo"):
+        chosen_conv = _is_messages(first_row.get(columns.get("chosen", "chosen")))
+        if "prompt" not in present:
+            implicit = True
+        else:
+            prompt_conv = _is_messages(first_row.get(columns.get("prompt", "prompt")))
+            if prompt_conv != chosen_conv:  # TRL's maybe_extract_prompt
+                implicit = True
+                logging.getLogger(__name__).warning(
+                    "the prompt column is %s but chosen / rejected are %s (the "
+                    "UltraFeedback-binarized shape): as TRL's maybe_extract_prompt, the prompt is "
+                    "what chosen and rejected share, and the prompt column is not used",
+                    "a list of messages" if prompt_conv else "a string",
+                    "lists of messages" if chosen_conv else "strings",
+                )
+        conversational = chosen_conv
+    elif kind == "language_modeling":  # `messages` rows are validated as messages, row by row
+        conversational = "messages" in present
+    elif kind == "prompt_only":
+        conversational = _is_messages(first_row.get(columns.get("prompt", "prompt")))
     else:
-        raise ValueError(
-            "cannot tell the dataset's format from its columns "
-            f"{sorted(available)}: expected prompt/chosen/rejected (paired), chosen/rejected "
-            "(implicit prompt), prompt/completion/label (unpaired), paired columns with "
-            "chosen_win_prob/rejected_win_prob/win_prob (SPPO), or for SFT text / messages "
-            "(language modeling) or prompt/completion; map other names with `columns`"
-        )
-    if kind == "language_modeling":  # `messages` rows are validated as messages, row by row
-        conversational = key == "messages"
-    else:
-        conversational = _is_messages(first_row.get(columns.get(key, key)))
+        conversational = _is_messages(first_row.get(columns.get("completion", "completion")))
     wins = tuple(f for f in WIN_FIELDS if f in present) if kind == "sppo" else ()
-    return DataFormat(kind, conversational, implicit, tuple(sorted(columns.items())), wins)
+    extra = tuple(
+        f for f in EXTRA_FIELDS
+        if f in present and (f == "prompt_id" or kind in ("paired", "sppo"))
+    )  # fmt: skip
+    fmt = DataFormat(
+        kind, conversational, implicit, tuple(sorted(columns.items())), wins, extra, chatml
+    )
+    missing = [f for f in fmt.fields() if f not in present]
+    if missing:
+        raise ValueError(
+            f"format {kind!r} needs the column(s) {missing}; the dataset has {sorted(available)}"
+        )
+    return fmt
+
+
+def _to_chatml(value):
+    """ShareGPT messages with `from` / `value` keys renamed to `role` / `content` (as TRL)."""
+    if not isinstance(value, list):
+        return value
+    out = []
+    for m in value:
+        if isinstance(m, Mapping):
+            m = dict(m)
+            if "from" in m:
+                m["role"] = m.pop("from")
+            if "value" in m:
+                m["content"] = m.pop("value")
+        out.append(m)
+    return out
 
 
 def _check_text(row: int, field: str, value, conversational: bool, *, prompt: bool = False):
@@ -203,13 +334,59 @@ def _probability(row: int, field: str, value) -> float:
     return value
 
 
+def _score(row: int, field: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RowError(row, field, f"expected a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise RowError(row, field, f"expected a finite number, got {value}")
+    return value
+
+
+def _extras(row: Mapping, index: int, fmt: DataFormat) -> dict:
+    out = {}
+    for field in fmt.extra_fields:
+        value = row.get(fmt.source(field))
+        if value is None:
+            raise RowError(index, field, f"missing {field} (row 0 has it)")
+        if field == "prompt_id":
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise RowError(index, field, f"expected a str or int, got {type(value).__name__}")
+            out[field] = str(value)
+        else:
+            out[field] = _score(index, field, value)
+    return out
+
+
+def _with_hint(err: RowError, fmt: DataFormat) -> RowError:
+    """A type mismatch against the detected format names the rule that decided it."""
+    if not err.problem.startswith(("expected a list of messages", "expected str")):
+        return err
+    other = "a string" if fmt.conversational else "a list of messages"
+    return RowError(
+        err.row,
+        err.field,
+        f"{err.problem} (the format was detected from row 0 as {_describe(fmt)}, TRL's "
+        f"is_conversational rule on its first text field; every row must have that shape: if "
+        f"this field is {other} throughout, pass `DataFormat(kind={fmt.kind!r}, "
+        f"conversational={not fmt.conversational})`)",
+    )
+
+
 def normalize_row(row: Mapping, index: int, fmt: DataFormat) -> dict:
     """Validate one row and return its canonical fields (see the module docstring).
 
     Raises:
       RowError naming `index` and the field for a missing field, a wrong type, empty text,
-      malformed messages, a bad label or win probability.
+      malformed messages, a bad label, score or win probability.
     """
+    try:
+        return _normalize_row(row, index, fmt)
+    except RowError as err:
+        raise _with_hint(err, fmt) from None
+
+
+def _normalize_row(row: Mapping, index: int, fmt: DataFormat) -> dict:
     if not isinstance(row, Mapping):
         raise RowError(index, "<row>", f"expected a mapping, got {type(row).__name__}")
     out = {}
@@ -218,8 +395,9 @@ def normalize_row(row: Mapping, index: int, fmt: DataFormat) -> dict:
         if col not in row or row[col] is None:
             what = field if col == field else f"{field} (column {col!r})"
             raise RowError(index, field, f"missing {what}")
-        out[field] = row[col]
-    if fmt.kind == "language_modeling":
+        out[field] = _to_chatml(row[col]) if fmt.chatml else row[col]
+    out.update(_extras(row, index, fmt))
+    if fmt.kind in ("language_modeling", "prompt_only"):
         field = fmt.fields()[0]
         _check_text(index, field, out[field], fmt.conversational, prompt=True)
         return out
@@ -253,3 +431,51 @@ def normalize_row(row: Mapping, index: int, fmt: DataFormat) -> dict:
             )
         out[field] = _probability(index, field, row[col])
     return out
+
+
+def _trl_prompt_split(chosen, rejected):
+    """(prompt, chosen, rejected) by TRL's `extract_prompt` rule, never raising (an empty part
+    fails the unpaired rows' validation instead)."""
+    n = common_prefix_length(chosen, rejected)
+    if isinstance(chosen, str) and 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def unpair_preference_dataset(dataset, *, batch_size: int = 1000):
+    """Paired rows -> unpaired rows, as TRL's `unpair_preference_dataset` (what `KTOTrainer` does
+    with a paired dataset): per block of `batch_size` pairs, every chosen completion
+    (label True), then every rejected one (label False), each with its prompt and the other
+    columns repeated. Without a prompt column the prompt is first taken from what chosen and
+    rejected share (TRL's `extract_prompt`). Row i of the result comes from pair
+    `start + (i - start) % len(block)` of its block."""
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"`dataset` must be a datasets.Dataset, got {type(dataset).__name__}")
+    names = dataset.column_names
+    missing = [c for c in ("chosen", "rejected") if c not in names]
+    if missing:
+        raise ValueError(f"unpairing needs chosen and rejected columns; missing {missing}")
+
+    def unpair(batch):
+        chosen, rejected = batch["chosen"], batch["rejected"]
+        if "prompt" in batch:
+            prompts = batch["prompt"]
+        else:
+            split = [_trl_prompt_split(c, r) for c, r in zip(chosen, rejected)]
+            prompts = [p for p, _, _ in split]
+            chosen, rejected = [c for _, c, _ in split], [r for _, _, r in split]
+        n = len(chosen)
+        out = {
+            "completion": list(chosen) + list(rejected),
+            "label": [True] * n + [False] * n,
+            "prompt": list(prompts) + list(prompts),
+        }
+        for k, v in batch.items():
+            if k not in ("chosen", "rejected", "prompt"):
+                out[k] = list(v) + list(v)
+        return out
+
+    return dataset.map(unpair, batched=True, batch_size=batch_size, remove_columns=names,
+                       desc="unpairing")  # fmt: skip

@@ -15,6 +15,12 @@ ids; under keep_end the two sides may keep different prompt tails), `length` (th
 `row` (index in the source dataset) and the SPPO win probabilities; unpaired rows:
 `input_ids`, `prompt_length`, `label`, `length`, `row`; SFT rows the same without `label`.
 
+Prompt-only rows (TRL's prompt-only type, for on-policy methods) are `input_ids` (the prompt,
+tokenized as GRPOTrainer does: with special tokens, or the chat template with the generation
+prompt), `prompt_length` = their length, `length`, `row`; `max_prompt_length` (or `max_length`)
+truncates them by `truncation_mode`. Extra columns (`formats.EXTRA_FIELDS`: `prompt_id`,
+`score_chosen`, `score_rejected`) are kept when the dataset has them.
+
 SFT rows follow TRL's SFTTrainer: "language_modeling" rows are the whole text (EOS appended,
 as TRL) or the chat-templated `messages`, with `prompt_length` 0, so every token after the
 first is trained on (`max_length` keeps the start or the end); "prompt_completion" rows are
@@ -47,7 +53,7 @@ from alignjax.ops.masking import truncate_sequence
 __all__ = ["TokenizeConfig", "DataReport", "TokenizedDataset", "encode_row", "tokenize_dataset"]
 
 ON_ERROR = ("raise", "skip")
-SINGLE_KINDS = ("unpaired", "language_modeling", "prompt_completion")  # one sequence per row
+SINGLE_KINDS = ("unpaired", "language_modeling", "prompt_completion", "prompt_only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +84,37 @@ class TokenizeConfig:
 @dataclasses.dataclass(frozen=True)
 class DataReport:
     """What tokenization kept and skipped. `skipped` counts (field, reason) pairs; `examples`
-    holds the first few (row, message) of skipped rows."""
+    holds the first few (row, message) of skipped rows; `errors` every skipped row as
+    (row, field, problem), in row order (`to_dict` / `write` give all of them)."""
 
     total: int
     kept: int
     skipped: Mapping[tuple[str, str], int]
     examples: tuple[tuple[int, str], ...] = ()
+    errors: tuple[tuple[int, str, str], ...] = ()
+
+    @property
+    def skipped_rows(self) -> tuple[int, ...]:
+        """The source-row index of every skipped row."""
+        return tuple(r for r, _, _ in self.errors)
+
+    def to_dict(self) -> dict:
+        return {
+            "total": self.total,
+            "kept": self.kept,
+            "skipped": self.n_skipped,
+            "reasons": [
+                {"field": f, "reason": r, "rows": n} for (f, r), n in sorted(self.skipped.items())
+            ],
+            "skipped_rows": [{"row": r, "field": f, "problem": p} for r, f, p in self.errors],
+        }
+
+    def write(self, path) -> None:
+        """The whole report as JSON (every skipped row with its field and problem)."""
+        import json
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @property
     def n_skipped(self) -> int:
@@ -93,6 +124,10 @@ class DataReport:
         lines = [f"{self.kept} of {self.total} rows kept, {self.n_skipped} skipped"]
         for (field, reason), n in sorted(self.skipped.items(), key=lambda x: -x[1]):
             lines.append(f"  {n:6d}  {field}: {reason}")
+        if self.errors:
+            rows = ", ".join(str(r) for r in self.skipped_rows[:20])
+            more = f" and {len(self.errors) - 20} more" if len(self.errors) > 20 else ""
+            lines.append(f"  skipped rows: {rows}{more}")
         return "\n".join(lines)
 
 
@@ -166,10 +201,32 @@ def _encode_text(tokenizer, record: Mapping, fmt: DataFormat, config: TokenizeCo
     return {"row": index, "input_ids": ids, "prompt_length": 0, "length": len(ids)}
 
 
+def _encode_prompt(tokenizer, record: Mapping, fmt: DataFormat, config: TokenizeConfig, index):
+    prompt = record["prompt"]
+    if fmt.conversational:
+        ids = _ids(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True))
+    else:
+        ids = _ids(tokenizer(prompt))
+    if not ids:
+        raise RowError(index, "prompt", "tokenizes to no token")
+    n = config.max_prompt_length or config.max_length
+    if n is not None and len(ids) > n:
+        ids = ids[:n] if config.truncation_mode == "keep_start" else ids[-n:]
+    return {"row": index, "input_ids": ids, "prompt_length": len(ids), "length": len(ids)}
+
+
 def encode_row(tokenizer, record: Mapping, fmt: DataFormat, config: TokenizeConfig, index: int):
     """Tokenize and truncate one normalised record (see `formats.normalize_row`)."""
+    out = _encode_row(tokenizer, record, fmt, config, index)
+    out.update({f: record[f] for f in fmt.extra_fields})
+    return out
+
+
+def _encode_row(tokenizer, record: Mapping, fmt: DataFormat, config: TokenizeConfig, index: int):
     if fmt.kind == "language_modeling":
         return _encode_text(tokenizer, record, fmt, config, index)
+    if fmt.kind == "prompt_only":
+        return _encode_prompt(tokenizer, record, fmt, config, index)
     single = fmt.kind in ("unpaired", "prompt_completion")
     sides = ("completion",) if single else ("chosen", "rejected")
     prompt_ids, full = _encode_sides(
@@ -224,6 +281,8 @@ def _features(fmt: DataFormat) -> datasets.Features:
             f[f"{side}_prompt_length"] = datasets.Value("int32")
         for field in fmt.win_fields:
             f[field] = datasets.Value("float64")
+    for field in fmt.extra_fields:
+        f[field] = datasets.Value("string" if field == "prompt_id" else "float64")
     f["error_field"] = datasets.Value("string")
     f["error"] = datasets.Value("string")
     return datasets.Features(f)
@@ -239,6 +298,7 @@ def _blank(fmt: DataFormat, index: int, err: RowError) -> dict:
         out.update(chosen_input_ids=[], chosen_prompt_length=0)
         out.update(rejected_input_ids=[], rejected_prompt_length=0)
         out.update({f: 0.0 for f in fmt.win_fields})
+    out.update({f: "" if f == "prompt_id" else 0.0 for f in fmt.extra_fields})
     return out
 
 
@@ -265,6 +325,7 @@ def tokenize_dataset(
     config: TokenizeConfig = TokenizeConfig(),
     fmt: DataFormat | None = None,
     columns: Mapping[str, str] | None = None,
+    kind: str | None = None,
     on_error: str = "raise",
     num_proc: int | None = None,
     load_from_cache_file: bool = True,
@@ -279,6 +340,7 @@ def tokenize_dataset(
       config: lengths and truncation mode.
       fmt: the data format; detected from the columns and the first row when None.
       columns: canonical field -> column name, for renamed columns (when `fmt` is None).
+      kind: force the detected kind (when `fmt` is None), where the columns fit several.
       on_error: "raise" (RowError naming the first bad row and field) or "skip" (drop bad rows
         and count them in `report`).
 
@@ -292,9 +354,9 @@ def tokenize_dataset(
     if len(dataset) == 0:
         raise ValueError("`dataset` has no rows")
     if fmt is None:
-        fmt = detect_format(dataset.column_names, dataset[0], columns)
-    elif columns:
-        raise ValueError("give the column mapping inside `fmt` (DataFormat.columns), not both")
+        fmt = detect_format(dataset.column_names, dataset[0], columns, kind=kind)
+    elif columns or kind:
+        raise ValueError("give the column mapping and kind inside `fmt` (a DataFormat), not both")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     mapped = dataset.map(
         _map_row,
@@ -316,9 +378,12 @@ def tokenize_dataset(
             skipped[(fields[i], _reason(errors[i]))] += 1
             if len(examples) < 10:
                 examples.append((i, f"row {i}, field {fields[i]!r}: {errors[i]}"))
+        every = tuple((i, fields[i], errors[i]) for i in bad)
         mapped = mapped.select([i for i in range(len(mapped)) if not errors[i]])
+    else:
+        every = ()
     mapped = mapped.remove_columns(["error", "error_field"])
-    report = DataReport(len(dataset), len(mapped), dict(skipped), tuple(examples))
+    report = DataReport(len(dataset), len(mapped), dict(skipped), tuple(examples), every)
     if len(mapped) == 0:
         raise ValueError(f"every row was skipped:\n{report}")
     return TokenizedDataset(mapped, fmt, report, pad_id)

@@ -1,8 +1,9 @@
 """The loss registry and weighted combinations.
 
 `get(name)` returns a loss `(batch, **hyperparameters) -> LossOutput` by its TRL `loss_type`
-name (or the paper's name where TRL has none); `available()` lists the names; `register(name,
-fn)` adds a user-written loss. `combine([(name_or_fn, weight), ...])` builds one loss from
+name (or the paper's name where TRL has none), taking TRL's keyword spellings too
+(`f_divergence_type`, `f_alpha_divergence_coef`: `TRL_ALIASES`); `available()` lists the
+names; `register(name, fn)` adds a user-written loss. `combine([(name_or_fn, weight), ...])` builds one loss from
 several: the unreduced terms are kept side by side (so accumulation stays exact), per-example
 losses add with their weights, rewards come from the first term that defines them, and every
 term's metrics are kept (prefixed by the term name when two terms log the same key).
@@ -34,6 +35,39 @@ LossFn = Callable[..., LossOutput]
 _REGISTRY: dict[str, LossFn] = {}
 _NEEDS: dict[str, LossNeeds] = {}
 
+# TRL's keyword spellings -> ours (`DPOConfig.f_divergence_type` / `f_alpha_divergence_coef`)
+TRL_ALIASES = {"f_divergence_type": "f_divergence", "f_alpha_divergence_coef": "f_alpha"}
+
+
+def _with_aliases(fn: LossFn) -> LossFn:
+    """`fn` also taking TRL's keyword names (`TRL_ALIASES`) for the hyperparameters it has;
+    giving both spellings of one is an error."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn
+    aliases = {a: ours for a, ours in TRL_ALIASES.items() if ours in sig.parameters}
+    if not aliases:
+        return fn
+
+    @functools.wraps(fn)
+    def aliased(batch, *args, **kwargs):
+        for alias, ours in aliases.items():
+            if alias in kwargs:
+                if ours in kwargs:
+                    raise TypeError(f"give `{ours}` or its TRL spelling `{alias}`, not both")
+                kwargs[ours] = kwargs.pop(alias)
+        return fn(batch, *args, **kwargs)
+
+    extra = [inspect.Parameter(a, inspect.Parameter.KEYWORD_ONLY, default=None) for a in aliases]
+    params = list(sig.parameters.values())
+    var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD] + extra + var_kw
+    aliased.__signature__ = sig.replace(parameters=params)
+    if hasattr(fn, "loss_needs"):
+        aliased.loss_needs = fn.loss_needs
+    return aliased
+
 
 def register(
     name: str, fn: LossFn, *, needs: LossNeeds | None = None, overwrite: bool = False
@@ -44,9 +78,9 @@ def register(
         raise ValueError(f"loss {name!r} is already registered; pass overwrite=True to replace it")
     if needs is not None and not isinstance(needs, LossNeeds):
         raise TypeError(f"`needs` must be a LossNeeds, got {type(needs).__name__}")
-    _REGISTRY[name] = fn
+    _REGISTRY[name] = _with_aliases(fn)
     _NEEDS[name] = needs if needs is not None else getattr(fn, "loss_needs", LossNeeds())
-    return fn
+    return _REGISTRY[name]
 
 
 def available() -> list[str]:
@@ -73,7 +107,7 @@ def needs_of(loss: str | LossFn) -> LossNeeds:
     if found is not None:
         return found
     for name, fn in _REGISTRY.items():
-        if fn is loss:
+        if fn is loss or getattr(fn, "__wrapped__", None) is loss:
             return _NEEDS[name]
     return LossNeeds()
 

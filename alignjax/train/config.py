@@ -58,6 +58,8 @@ class DataConfig:
     eval_fraction: float = 0.05
     tokenizer: str = "shipped"
     columns: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # the row kind when the columns fit several (`alignjax.data.formats.KINDS`); None: detected
+    format: str | None = None
     max_length: int | None = 128
     max_prompt_length: int | None = None
     max_completion_length: int | None = None
@@ -288,6 +290,10 @@ def validate(cfg: TrainConfig) -> None:
         _choice(key, name, losses.available())
     if cfg.steps < 1:
         raise ValueError(f"`steps` must be >= 1, got {cfg.steps}")
+    if cfg.data.format is not None:
+        from alignjax.data.formats import KINDS
+
+        _choice("data.format", cfg.data.format, KINDS)
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ValueError(f"`data.eval_fraction` must be in (0, 1), got {cfg.data.eval_fraction}")
 

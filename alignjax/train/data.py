@@ -35,6 +35,15 @@ def load_split(source: str, cfg, tokenizer, task: str):
         path, _, split = source.partition("::")
         raw = D.load_preference_dataset(path, split=split or "train", cache_dir=cfg.data.cache_dir)
     d = cfg.data
+    names = set(raw.column_names)
+    if task == "unpaired" and {"chosen", "rejected"} <= names and d.format in (None, "unpaired"):
+        if "label" in names or "completion" in names:
+            raise ValueError(f"{source!r} has chosen/rejected and completion/label columns; "
+                             "set data.format to say which rows these are")  # fmt: skip
+        n = len(raw)
+        raw = D.unpair_preference_dataset(raw)
+        log.warning("%s: %d pairs unpaired into %d rows (chosen: label true, rejected: false), "
+                    "as TRL's KTOTrainer does", source, n, len(raw))  # fmt: skip
     tok_cfg = D.TokenizeConfig(
         max_length=d.max_length,
         max_prompt_length=d.max_prompt_length,
@@ -42,7 +51,12 @@ def load_split(source: str, cfg, tokenizer, task: str):
         truncation_mode=d.truncation_mode,
     )
     tokenized = D.tokenize_dataset(
-        raw, tokenizer, config=tok_cfg, columns=dict(d.columns) or None, on_error=d.on_error
+        raw,
+        tokenizer,
+        config=tok_cfg,
+        columns=dict(d.columns) or None,
+        kind=d.format,
+        on_error=d.on_error,
     )
     if tokenized.format.kind not in TASK_KINDS[task]:
         raise ValueError(

@@ -13,6 +13,7 @@ The run directory (`cfg.out_dir`, relative paths resolved against the working di
     metrics.jsonl, tb/     train/* and eval/* metrics (TRL's names), TensorBoard events
     checkpoints/<step>/    orbax checkpoints (adapter-only with checkpoint.adapters_only)
     eval.json              the final evaluation; samples.jsonl: completions of held-out prompts
+    data_report.json       rows kept and every skipped row (index, field, problem) per split
     export/merged/         HF safetensors + config + tokenizer (adapters merged)
     export/adapter/        the adapters in HF PEFT format (PEFT runs)
     curves.png             training and evaluation curves
@@ -118,6 +119,20 @@ def _finish(session: Session, summary: dict, evaluation: H.EvalHook | None):
     return H.AtEnd(fn)
 
 
+def write_data_report(session, path) -> None:
+    """Each split's `DataReport` (every skipped row with its field and problem) as JSON."""
+    reports = {}
+    train_data = session.train_data
+    for split, data in (("train", train_data), ("eval", session.eval_data)):
+        if data is None:
+            continue
+        if split == "eval" and train_data is not None and data.report is train_data.report:
+            reports[split] = {"held_out_of": "train", "rows": len(data)}  # data.eval=auto
+        else:
+            reports[split] = data.report.to_dict()
+    Path(path).write_text(json.dumps(reports, indent=1) + "\n")
+
+
 def train(cfg: cfg_lib.TrainConfig, *, progress: bool = True, hooks: Sequence = ()) -> dict:
     """Run (or resume) a training run; returns a summary (final eval metrics, paths)."""
     session = setup(cfg)
@@ -127,6 +142,7 @@ def train(cfg: cfg_lib.TrainConfig, *, progress: bool = True, hooks: Sequence = 
         import yaml
 
         (out / "config.yaml").write_text(yaml.safe_dump(cfg_lib.to_dict(cfg), sort_keys=False))
+        write_data_report(session, out / "data_report.json")
     loader = train_loader(session)
     summary = {"steps": cfg.steps, "out_dir": str(out)}
     with session.checkpointer() as ckpt:

@@ -124,8 +124,11 @@ class DataFormat:
 def _is_messages(value) -> bool:
     """TRL's `is_conversational` test on one value: a list whose first item is a dict with a
     "role" key."""
-    return isinstance(value, list) and bool(value) and isinstance(value[0], Mapping) and (
-        "role" in value[0]
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and isinstance(value[0], Mapping)
+        and ("role" in value[0])
     )
 
 

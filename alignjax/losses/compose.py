@@ -3,10 +3,11 @@
 `get(name)` returns a loss `(batch, **hyperparameters) -> LossOutput` by its TRL `loss_type`
 name (or the paper's name where TRL has none), taking TRL's keyword spellings too
 (`f_divergence_type`, `f_alpha_divergence_coef`: `TRL_ALIASES`); `available()` lists the
-names; `register(name, fn)` adds a user-written loss. `combine([(name_or_fn, weight), ...])` builds one loss from
-several: the unreduced terms are kept side by side (so accumulation stays exact), per-example
-losses add with their weights, rewards come from the first term that defines them, and every
-term's metrics are kept (prefixed by the term name when two terms log the same key).
+names; `register(name, fn)` adds a user-written loss. `combine([(name_or_fn, weight), ...])`
+builds one loss from several: the unreduced terms are kept side by side (so accumulation stays
+exact), per-example losses add with their weights, rewards come from the first term that
+defines them, and every term's metrics are kept (prefixed by the term name when two terms log
+the same key).
 
 Example (MPO, TRL's recipe):
     >>> from alignjax.losses import combine

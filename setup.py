@@ -64,7 +64,10 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     # The shipped synthetic data and tokenizer (alignjax/data/synthetic.py writes them).
-    package_data={"alignjax.data": ["assets/reviews/*.jsonl", "assets/tokenizer/*.json"]},
+    package_data={
+        "alignjax.data": ["assets/reviews/*.jsonl", "assets/tokenizer/*.json"],
+        "alignjax.train": ["trl_fields.json"],
+    },
     entry_points={"console_scripts": ["alignjax = alignjax.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

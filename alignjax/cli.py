@@ -4,6 +4,7 @@
     alignjax eval --run runs/dpo [--step 200] [data.eval=path/to/test.jsonl]
     alignjax export --run runs/dpo [--out exported/] [--step 200]
     alignjax demo [--out runs/demo] [--quick]
+    alignjax dpo|sft|kto [--config recipe.yaml] [--trl_field value ...] [dotted.key=value ...]
 
 `train` takes a YAML or Python config (`alignjax.train.config`; no file: the defaults) and
 dotted overrides; rerunning it on a run directory that has checkpoints resumes. `eval` and
@@ -12,6 +13,11 @@ end-to-end example: SFT a tiny model on the shipped reviews, then DPO it with Lo
 adapters-disabled reference, and report the held-out reward accuracy (rerunning it on the same
 `--out` resumes, so a finished demo only reprints its table). Bad configs exit with status 2 and
 a message naming the key (ALIGNJAX_DEBUG=1 shows the traceback instead).
+
+`dpo`, `sft` and `kto` run a TRL recipe unchanged (`alignjax.train.trl_recipe`): a TRL config
+file with TRL's field names and / or TRL's flags (`--beta 0.1 --loss_type sigmoid ipo
+--loss_weights 0.8 0.2`), then alignjax's dotted overrides; the mapping is printed before the
+run (`--dry-run`: only printed).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 __all__ = ["main"]
@@ -48,10 +55,68 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="output directory")
     d.add_argument("--quick", action="store_true", help="a few steps only (tests)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for name in TRL_COMMANDS:
+        sub.add_parser(name, help=f"run a TRL `{name}` recipe (TRL's config fields and flags)")
     return p
 
 
+TRL_COMMANDS = ("dpo", "sft", "kto", "reward", "grpo", "rloo", "online-dpo")
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[\w\[\]]+)+=")
+
+
+def _trl_main(command: str, argv: list[str]) -> int:
+    """`alignjax <trl command> [--config FILE] [--dry-run] [--no-progress] [--flags] [k=v]`."""
+    if any(a in ("-h", "--help") for a in argv):
+        from alignjax.train import trl_recipe
+
+        print(__doc__.split("\n\n")[-1].strip())
+        print(trl_recipe.__doc__)
+        return 0
+    rest, config, dry, progress = [], None, False, True
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a file")
+            config, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--config="):
+            config = a.split("=", 1)[1]
+        elif a == "--dry-run":
+            dry = True
+        elif a == "--no-progress":
+            progress = False
+        else:
+            rest.append(a)
+        i += 1
+    overrides = [a for a in rest if _OVERRIDE.match(a)]
+    flags = [a for a in rest if not _OVERRIDE.match(a)]
+    from alignjax.train import trl_recipe
+
+    mapping = trl_recipe.from_trl(command, config, flags, overrides)
+    print(mapping, flush=True)
+    if dry:
+        return 0
+    from alignjax.train.trainer import train
+
+    summary = train(mapping.config, progress=progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TRL_COMMANDS:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return _trl_main(argv[0], argv[1:])
+        except (ValueError, FileNotFoundError) as err:
+            if os.environ.get("ALIGNJAX_DEBUG"):
+                raise
+            print(f"alignjax {argv[0]}: error: {err}", file=sys.stderr)
+            print("(set ALIGNJAX_DEBUG=1 for the traceback)", file=sys.stderr)
+            return 2
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from alignjax.train import config as C

@@ -336,7 +336,7 @@ def _convert(value, tp, key: str):
             return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ValueError(f"`{key}` must have {len(args)} entries, got {value!r}")
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin in (Mapping, dict) or tp in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise ValueError(f"`{key}` must be a mapping, got {value!r}")

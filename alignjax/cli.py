@@ -61,7 +61,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 TRL_COMMANDS = ("dpo", "sft", "kto", "reward", "grpo", "rloo", "online-dpo")
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[\w\[\]]+)+=")
+_OVERRIDE = re.compile(r"^([A-Za-z_]\w*)(\.[\w\[\]]+)*=")
+
+
+def _is_override(token: str) -> bool:
+    """`key=value` or `section.key=value` naming a TrainConfig field (an alignjax override)."""
+    import dataclasses
+
+    from alignjax.train.config import TrainConfig
+
+    m = _OVERRIDE.match(token)
+    return bool(m) and m.group(1) in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def _trl_main(command: str, argv: list[str]) -> int:
@@ -90,8 +100,8 @@ def _trl_main(command: str, argv: list[str]) -> int:
         else:
             rest.append(a)
         i += 1
-    overrides = [a for a in rest if _OVERRIDE.match(a)]
-    flags = [a for a in rest if not _OVERRIDE.match(a)]
+    overrides = [a for a in rest if _is_override(a)]
+    flags = [a for a in rest if not _is_override(a)]
     from alignjax.train import trl_recipe
 
     mapping = trl_recipe.from_trl(command, config, flags, overrides)

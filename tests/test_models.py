@@ -63,6 +63,46 @@ def test_remat_and_hidden_states(model):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_remat_with_weights_from_different_traces():
+    """Gradient checkpointing where the layer's weights come from different traces, as in the
+    training step (a LoRA policy's frozen base weights are jit-level constants, its adapters the
+    differentiated arguments; a frozen reference runs under the same jit): the gradient equals
+    the one without remat (same float32 ops recomputed: 1e-5), and adapter dropout still draws
+    from the layer's RNG stream."""
+    from alignjax import peft
+
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 50, (2, 6)))
+    grads = []
+    for remat in (False, True):
+        m = models.LlamaForCausalLM(CFG, remat=remat, rngs=nnx.Rngs(0))
+        peft.apply(m, [peft.Rule(".*(q_proj|v_proj)", "lora", rank=2, alpha=4.0)],
+                   rngs=nnx.Rngs(1))  # fmt: skip
+        graphdef, adapters, rest = nnx.split(m, nnx.LoRAParam, ...)
+        adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # non-zero B: a real gradient
+
+        @jax.jit
+        def grad(adapters, rest, graphdef=graphdef):
+            def loss(a):
+                out = nnx.merge(graphdef, a, rest)(ids).last_hidden_state
+                return jnp.sum(out**2)
+
+            return jax.grad(loss)(adapters)
+
+        grads.append(grad(adapters, rest))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert np.abs(np.asarray(a)).max() > 0
+    # dropout under remat (outside the step): two calls draw two masks
+    m = models.LlamaForCausalLM(CFG, remat=True, rngs=nnx.Rngs(0))
+    peft.apply(m, [peft.Rule(".*q_proj", "lora", rank=2, alpha=4.0, dropout=0.5)],
+               rngs=nnx.Rngs(1))  # fmt: skip
+    for _, v in nnx.iter_graph(m):
+        if isinstance(v, nnx.LoRAParam):
+            v.value = v.value + 0.1
+    first, second = (np.asarray(m(ids).last_hidden_state) for _ in range(2))
+    assert np.abs(first - second).max() > 0
+
+
 def test_attention_matches_float64_reference():
     """Grouped-query attention, whole and in causal query blocks (130 queries in blocks of 32, 33,
     32 and 33, each against the keys up to its end), equals softmax(q k^T / sqrt(d), masked) v in

@@ -172,7 +172,7 @@ packing: true
 max_length: 64
 use_peft: true
 lora_target_modules: [q_proj, k_proj, v_proj, o_proj]
-lora_dropout: 0.1
+lora_dropout: 0.0
 """), overrides=MESH1)  # fmt: skip
     c = sft.config
     assert (c.task, c.steps, c.loss.name, c.reference.mode) == ("sft", 5, "sft", "none")
@@ -181,8 +181,16 @@ lora_dropout: 0.1
     assert c.optim.learning_rate == 2e-5  # SFTConfig's default
     assert c.peft.method == "lora" and c.peft.r == 16 and c.peft.alpha == 32.0
     assert c.peft.targets == ".*(q_proj|k_proj|v_proj|o_proj)"
-    assert dict(c.peft.kwargs) == {"dropout": 0.1}  # SFT keeps the adapters' dropout
+    assert dict(c.peft.kwargs) == {"dropout": 0.0}
     assert any("packing_strategy" in w for w in sft.warnings)
+    # SFT keeps the adapters' dropout in TRL (no disable_dropout); alignjax's step has no
+    # dropout RNG: TRL's default 0.05 is a warning, a value given explicitly an error
+    quiet = R.from_trl("sft", values={"dataset_name": str(texts), "max_steps": 2,
+                                      "dataset_text_field": "body", "use_peft": True})  # fmt: skip
+    assert any("`lora_dropout` 0.05 is not applied" in w for w in quiet.warnings)
+    with pytest.raises(ValueError, match="`lora_dropout` = 0.1"):
+        R.from_trl("sft", values={"dataset_name": str(texts), "max_steps": 2,
+                                  "use_peft": True, "lora_dropout": 0.1})  # fmt: skip
 
     kto = R.from_trl("kto", values={"dataset_name": pairs, "max_steps": 4, "use_peft": True,
                                     "desirable_weight": 1.33, "loss_type": "apo_zero_unpaired",

@@ -271,6 +271,30 @@ class DecoderLayer(nnx.Module):
         return h, {"attn": heads, "mlp": mlp_act}, cache
 
 
+def _rematerialised(layer, *args):
+    """`layer(*args)` under `jax.checkpoint` (activations recomputed in the backward pass).
+
+    A pure function of the layer's state, not `nnx.remat`: the layer's parameters may come from
+    different traces (a LoRA policy's frozen base weights are constants of the jitted step, its
+    adapters the differentiated arguments, a frozen reference's weights neither), which
+    `nnx.remat`'s write-back refuses. The only state a call changes is the RNG counters of
+    active dropout (an adapter's, rate > 0): written back then, and only then."""
+    graphdef, state = nnx.split(layer)
+
+    def pure(state, *args):
+        module = nnx.merge(graphdef, state)
+        out = type(module).__call__(module, *args)
+        return out, nnx.state(module, nnx.Not(nnx.Param))
+
+    out, changed = jax.checkpoint(pure)(state, *args)
+    if any(
+        isinstance(m, nnx.Dropout) and m.rate > 0 and not m.deterministic
+        for _, m in nnx.iter_graph(layer)
+    ):
+        nnx.update(layer, changed)
+    return out
+
+
 class ModelOutput(NamedTuple):
     """`last_hidden_state` [B, T, D] (after the final norm: the input of the LM head);
     `hidden_states`: (embeddings, each layer's output) when requested; `activations`: per layer
@@ -429,7 +453,7 @@ class LlamaForCausalLM(nnx.Module):
         inv_freq = rope_frequencies(self.config)  # a constant under jit
         hidden, acts = [h], []
         for layer in self.model.layers:
-            call = nnx.remat(type(layer).__call__) if self.remat else type(layer).__call__
+            call = _rematerialised if self.remat else type(layer).__call__
             h, act, _ = call(layer, h, positions, mask, inv_freq)
             if output_hidden_states:
                 hidden.append(h)

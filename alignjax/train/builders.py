@@ -120,6 +120,13 @@ class PeftMethod:
 
 def _rule_method(name: str) -> Callable:
     def apply(model, p, seed: int, options: dict):
+        options = dict(options)
+        if float(options.pop("dropout", 0.0)):
+            raise ValueError(
+                "`peft.kwargs.dropout`: the training step carries no dropout RNG, so adapters "
+                "train without dropout; set it to 0 (TRL's DPO / KTO turn it off too: "
+                "disable_dropout)"
+            )
         rule = peft.Rule(p.targets, name, rank=p.r, alpha=p.alpha, options=options)
         return peft.apply(model, [rule], rngs=nnx.Rngs(seed))
 

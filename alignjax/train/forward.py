@@ -69,7 +69,9 @@ def reference_outputs(spec, state: TrainState, params, batch):
     if spec.reference == "frozen":
         if state.ref is None:
             raise ValueError("reference='frozen' needs a state built with reference='frozen'")
-        out, w = policy_outputs(model_of(state, state.ref), batch, reads=reads)
+        ref = model_of(state, state.ref)
+        ref.remat = False  # no gradient flows through the reference: nothing to recompute
+        out, w = policy_outputs(ref, batch, reads=reads)
     elif spec.reference == "adapters_disabled":
         with adapters_disabled(model_of(state, params)) as base:
             out, w = policy_outputs(base, batch, reads=reads)

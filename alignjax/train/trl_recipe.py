@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,9 @@ def _is_list_field(meta: Mapping) -> bool:
     return "list" in meta.get("type", "")
 
 
+_OVERRIDE_HEAD = re.compile(r"^[A-Za-z_]\w*(\.[\w\[\]]+)+=")
+
+
 def parse_flags(flags: Sequence[str], command: str) -> dict[str, Any]:
     """`--name value [value ...]`, `--name=value` and bare `--flag` (true) as a mapping; values
     are parsed as YAML scalars ("1e-6", "true", "null"); fields typed as lists take every value
@@ -148,8 +152,8 @@ def parse_flags(flags: Sequence[str], command: str) -> dict[str, Any]:
         values = [raw] if eq else []
         i += 1
         while not eq and i < len(flags) and not flags[i].startswith("--"):
-            if "=" in flags[i] and "." in flags[i].split("=", 1)[0]:
-                break  # a dotted alignjax override
+            if _OVERRIDE_HEAD.match(flags[i]):
+                break  # an alignjax override (section.key=value)
             values.append(flags[i])
             i += 1
         parsed = [yaml.safe_load(v) for v in values]
@@ -591,6 +595,15 @@ def _map_common(b: _Builder, task: str, devices: int) -> None:
         if task != "sft" and b.get("disable_dropout"):
             b.row("disable_dropout", "peft.kwargs.dropout = 0.0 (TRL disables every dropout, "
                                      "the adapters' included)")  # fmt: skip
+            drop = 0.0
+        if drop:
+            if "lora_dropout" in b.given:
+                raise ValueError(f"TRL field `lora_dropout` = {drop}: alignjax's training step "
+                                 "has no dropout RNG, so adapters train without dropout; set "
+                                 "lora_dropout: 0")  # fmt: skip
+            b.warnings.append(f"TRL's default `lora_dropout` {drop} is not applied: alignjax's "
+                              "training step has no dropout RNG (adapters train without "
+                              "dropout); set lora_dropout: 0 to say so")  # fmt: skip
             drop = 0.0
         kwargs = {"dropout": drop}
         if b.get("use_rslora"):

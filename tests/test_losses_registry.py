@@ -174,3 +174,25 @@ def test_pmap_equals_full_batch(name):
     else:
         got = losses.reshape(-1)
     np.testing.assert_allclose(got, full.losses, rtol=2e-5, atol=1e-6)
+
+
+def test_trl_keyword_spellings(rng):
+    """`f_divergence_type` / `f_alpha_divergence_coef` (DPOConfig's names) are aliases of
+    `f_divergence` / `f_alpha`: the same loss bit for bit; both spellings at once are an error;
+    combinations route them like the originals."""
+    a = inputs(rng)
+    batch = L.PreferenceBatch.from_stacked(a["pol"], a["m"], a["ref"])
+    fn = L.get("sigmoid")
+    ours = fn(batch, f_divergence="alpha_divergence", f_alpha=0.3)
+    trl = fn(batch, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)
+    np.testing.assert_array_equal(ours.losses, trl.losses)
+    assert float(ours.loss) != float(fn(batch).loss)
+    with pytest.raises(TypeError, match="not both"):
+        fn(batch, f_divergence="js_divergence", f_divergence_type="js_divergence")
+    mixed = L.combine([("sigmoid", 1.0), ("sft", 0.5)], f_divergence_type="forward_kl")
+    want = L.combine([("sigmoid", 1.0), ("sft", 0.5)], f_divergence="forward_kl")
+    np.testing.assert_array_equal(mixed(batch).losses, want(batch).losses)
+    # registering an already aliased function again keeps one alias each
+    L.register("test_sigmoid_again", fn, overwrite=True)
+    assert list(inspect.signature(L.get("test_sigmoid_again")).parameters).count(
+        "f_divergence_type") == 1  # fmt: skip

@@ -306,3 +306,48 @@ def test_reference_free_losses_skip_the_reference_forward():
     dpo = S.token_stats(S.StepSpec(loss="sigmoid"), state, state.params, batch)
     assert simpo.ref_logps is None and dpo.ref_logps is not None
     np.testing.assert_array_equal(simpo.logps, dpo.logps)
+
+
+def test_dataset_scores_reach_a_user_loss():
+    """UltraFeedback's score_chosen / score_rejected columns travel from the rows through the
+    batch into the loss (`PreferenceBatch.score_chosen` / `score_rejected`): a user loss that
+    weights DPO's per-pair losses by the score gap gives, through the step's token stats, the
+    weighted mean computed here from the same per-pair losses."""
+    import datasets
+
+    from alignjax import losses
+
+    def gap_weighted(batch, *, beta=0.1):
+        out = losses.get("sigmoid")(batch, beta=beta)
+        w = batch.score_chosen - batch.score_rejected
+        total = jnp.sum(w * out.losses)
+        n = jnp.asarray(out.losses.shape[0], jnp.float32)
+        return losses.LossOutput(terms={"loss": losses.LossTerm(total, n)}, losses=w * out.losses,
+                                 chosen_rewards=out.chosen_rewards,
+                                 rejected_rewards=out.rejected_rewards, metrics={})  # fmt: skip
+
+    u = {"role": "user", "content": "how was the soup?"}
+    rows = [
+            {"prompt": u["content"], "chosen": [u, {"role": "assistant", "content": c}],
+             "rejected": [u, {"role": "assistant", "content": r}],
+             "score_chosen": sc, "score_rejected": sr}
+            for c, r, sc, sr in (("great", "cold", 9.0, 2.0), ("fine", "bad", 5.0, 4.5))
+            ]  # fmt: skip
+    tok = data.shipped_tokenizer()
+    tokenized = data.tokenize_dataset(datasets.Dataset.from_list(rows), tok)
+    batch = data.collate([tokenized[0], tokenized[1]], 32, pad_id=tokenized.pad_id)
+    np.testing.assert_array_equal(batch.score_chosen, [9.0, 5.0])
+    np.testing.assert_array_equal(batch.score_rejected, [2.0, 4.5])
+    arch = models.LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=16,
+                              num_hidden_layers=1, num_attention_heads=2)  # fmt: skip
+    state = S.init_state(models.LlamaForCausalLM(arch, rngs=nnx.Rngs(0)), optax.sgd(0.1),
+                         reference="frozen")  # fmt: skip
+    spec = S.StepSpec(loss=gap_weighted)
+    batch = jax.tree.map(jnp.asarray, batch)
+    moved = jax.tree.map(lambda p: p * 1.5, state.params)  # policy != reference
+    stats = S.token_stats(spec, state, moved, batch)
+    pb = S.loss_batch(spec, batch, stats.logps, stats.mask, stats.ref_logps)
+    got = gap_weighted(pb).loss
+    per_pair = losses.get("sigmoid")(pb).losses
+    assert abs(float(per_pair[0] - per_pair[1])) > 1e-4
+    np.testing.assert_allclose(got, (7.0 * per_pair[0] + 0.5 * per_pair[1]) / 2, rtol=1e-6)

@@ -304,3 +304,10 @@ def test_no_meaning_fields_warn(pairs, caplog):
     for name in ("use_vllm", "deepspeed", "report_to"):
         assert sum(f"`{name}`" in w for w in m.warnings) == 1
         assert f"`{name}`" in caplog.text
+
+
+def test_sgd_has_no_momentum(pairs):
+    """transformers' optim="sgd" is torch.optim.SGD(lr) (momentum 0); alignjax's sgd takes its
+    momentum from optim.b1, so the mapping sets it to 0."""
+    m = R.from_trl("dpo", values={"dataset_name": pairs, "max_steps": 2, "optim": "sgd"})
+    assert (m.config.optim.name, m.config.optim.b1) == ("sgd", 0.0)

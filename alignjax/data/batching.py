@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 WIN_FIELDS = ("chosen_win_prob", "rejected_win_prob", "win_prob")
+SCORE_FIELDS = ("score_chosen", "score_rejected")  # a dataset's per-response scores
 
 
 @jax.tree_util.register_dataclass
@@ -57,6 +58,8 @@ class Batch:
     chosen_win_prob: np.ndarray | None = None
     rejected_win_prob: np.ndarray | None = None
     win_prob: np.ndarray | None = None
+    score_chosen: np.ndarray | None = None
+    score_rejected: np.ndarray | None = None
     seq_row: np.ndarray | None = None
     seq_start: np.ndarray | None = None
     seq_length: np.ndarray | None = None
@@ -157,6 +160,9 @@ def _example_fields(examples: Sequence[Mapping], n_pad: int) -> dict:
     for f in WIN_FIELDS:
         if f in first:
             out[f] = np.array([float(e[f]) for e in examples] + [0.5] * n_pad, np.float32)
+    for f in SCORE_FIELDS:
+        if f in first:
+            out[f] = np.array([float(e[f]) for e in examples] + [0.0] * n_pad, np.float32)
     return out
 
 

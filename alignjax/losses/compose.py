@@ -47,7 +47,11 @@ def _with_aliases(fn: LossFn) -> LossFn:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return fn
-    aliases = {a: ours for a, ours in TRL_ALIASES.items() if ours in sig.parameters}
+    aliases = {
+        a: ours
+        for a, ours in TRL_ALIASES.items()
+        if ours in sig.parameters and a not in sig.parameters  # not already aliased
+    }
     if not aliases:
         return fn
 

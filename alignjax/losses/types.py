@@ -41,6 +41,9 @@ class PreferenceBatch:
         log-ratios (SparsePO's reward mask, MaPO's activation mask).
       chosen_kl_mask, rejected_kl_mask: optional `[B, T]` token weights m_d >= 0 on the KL
         terms (SparsePO's independent KL mask; the reward mask is used when absent).
+      score_chosen, score_rejected: optional `[B]` scores the dataset gives each response
+        (UltraFeedback's `score_chosen` / `score_rejected`), for losses that use them as
+        margins or weights; no built-in loss reads them.
     """
 
     chosen_logps: jax.Array
@@ -60,6 +63,8 @@ class PreferenceBatch:
     rejected_reward_mask: jax.Array | None = None
     chosen_kl_mask: jax.Array | None = None
     rejected_kl_mask: jax.Array | None = None
+    score_chosen: jax.Array | None = None
+    score_rejected: jax.Array | None = None
 
     def __post_init__(self):
         c = self.chosen_logps
@@ -91,7 +96,13 @@ class PreferenceBatch:
                 )
         if (self.ref_chosen_logps is None) != (self.ref_rejected_logps is None):
             raise ValueError("give both `ref_chosen_logps` and `ref_rejected_logps`, or neither")
-        for name in ("chosen_win_prob", "rejected_win_prob", "win_prob"):
+        for name in (
+            "chosen_win_prob",
+            "rejected_win_prob",
+            "win_prob",
+            "score_chosen",
+            "score_rejected",
+        ):
             v = getattr(self, name)
             if hasattr(v, "shape") and tuple(v.shape) != shape[:-1]:
                 raise ValueError(f"`{name}` must be [B] {shape[:-1]}, got {tuple(v.shape)}")

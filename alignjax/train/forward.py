@@ -168,8 +168,14 @@ def loss_batch(spec, batch, logps, mask, ref_logps=None, kl=None, masks=None) ->
         return L.UnpairedBatch(**kw)
     fields = {
         f: getattr(batch, f)
-        for f in ("chosen_win_prob", "rejected_win_prob", "win_prob")
-        if getattr(batch, f) is not None
+        for f in (
+            "chosen_win_prob",
+            "rejected_win_prob",
+            "win_prob",
+            "score_chosen",
+            "score_rejected",
+        )
+        if getattr(batch, f, None) is not None
     }
     if kl is not None:
         fields["kl"] = kl

@@ -464,9 +464,15 @@ def _map_common(b: _Builder, task: str, devices: int) -> None:
                          "cosine, constant and constant_with_warmup")  # fmt: skip
     b.refuse_unless_default("lr_scheduler_kwargs", "alignjax's schedules take no extra arguments")
     b.put("weight_decay", "optim.weight_decay", convert=float)
-    b.put("adam_beta1", "optim.b1", convert=float)
-    b.put("adam_beta2", "optim.b2", convert=float)
-    b.put("adam_epsilon", "optim.eps", convert=float)
+    if optim == "sgd":  # transformers' "sgd": torch.optim.SGD without momentum
+        b.set("optim.b1", 0.0)
+        b.rows.append(("optim", optim, b.origin("optim"), "optim.b1 = 0.0 (no momentum)"))
+        for name in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+            b.inert(name, "optim is sgd")
+    else:
+        b.put("adam_beta1", "optim.b1", convert=float)
+        b.put("adam_beta2", "optim.b2", convert=float)
+        b.put("adam_epsilon", "optim.eps", convert=float)
     clip = b.get("max_grad_norm")
     b.put("max_grad_norm", "optim.clip_norm", None if not clip else float(clip))
     accum = int(b.get("gradient_accumulation_steps"))

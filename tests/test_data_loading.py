@@ -64,8 +64,8 @@ def test_local_file_formats_load_the_same_rows(tmp_path):
     assert data.load_preference_dataset(arrow).to_list() == rows
     with pytest.raises(FileNotFoundError, match="hub=True"):
         data.load_preference_dataset("someone/some-dataset")
-    with pytest.raises(FileNotFoundError, match="no train"):
-        data.load_preference_dataset(tmp_path / "splits")
+    with pytest.raises(ValueError, match="splits \\['test'\\], not 'train'"):
+        data.load_preference_dataset(tmp_path / "splits")  # split as datasets splits a folder
     with pytest.raises(ValueError, match="splits \\['test'\\], not 'train'"):
         data.load_preference_dataset(tmp_path / "dict")
     with pytest.raises(FileNotFoundError, match="does not exist"):

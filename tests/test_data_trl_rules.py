@@ -98,3 +98,18 @@ def test_unpairing_follows_trl(tok):
         ("the soup was", " good"), ("the soup was", " cold")]  # fmt: skip
     t = data.tokenize_dataset(data.unpair_preference_dataset(pairs), tok)
     assert t.format.kind == "unpaired" and t.format.extra_fields == ("prompt_id",)
+
+
+def test_a_folder_of_data_files_splits_as_datasets_does(tmp_path):
+    """`trl dpo --dataset_name folder` reads a folder through `datasets.load_dataset`: a lone
+    file is the train split, `test.*` the test split; alignjax reads it the same way."""
+    rows = [{"prompt": f"p{i}", "chosen": " a", "rejected": " b"} for i in range(5)]
+    (tmp_path / "d").mkdir()
+    datasets.Dataset.from_list(rows).to_json(str(tmp_path / "d" / "pairs.jsonl"))
+    assert data.load_preference_dataset(tmp_path / "d")["prompt"] == [r["prompt"] for r in rows]
+    with pytest.raises(ValueError, match=r"has splits \['train'\], not 'test'"):
+        data.load_preference_dataset(tmp_path / "d", split="test")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no data files"):
+        data.load_preference_dataset(tmp_path / "empty")

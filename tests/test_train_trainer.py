@@ -49,7 +49,7 @@ def test_demo_writes_a_complete_run(demo):
     names = set(train_rows[0])
     for name in ("loss", "grad_norm", "learning_rate", "skipped", "tokens_per_s", "step_time",
                  "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected", "num_tokens"):  # fmt: skip
+                 "logps/chosen", "logps/rejected", "completion_tokens"):  # fmt: skip
         assert f"train/{name}" in names, name
     # At step 0 the LoRA policy is its reference (B = 0): every implicit reward is exactly 0.
     assert eval_rows[0]["eval/rewards/margins"] == 0.0

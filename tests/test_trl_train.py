@@ -1,8 +1,8 @@
 """TRL recipes and TRL dataset shapes through the trainer (the runs are marked slow).
 
 - A DPO recipe written as TRL would write it (`model_name_or_path` a local HF checkpoint with
-  its tokenizer, `dataset_name` a local JSONL) run by `alignjax dpo --config` gives, step by
-  step, the same losses as the same run configured natively (bitwise: the same program on the
+  its tokenizer, `dataset_name` a local folder of JSONL) run by `alignjax dpo --config` gives,
+  step by step, the same losses as the same run configured natively (bitwise: the same program on the
   same data; any difference would be a mapping difference).
 - Every TRL dataset type that a present alignjax task trains on (language modeling and
   prompt-completion for SFT, standard and conversational; preference with explicit and implicit
@@ -50,8 +50,9 @@ def checkpoint(tmp_path_factory):
 def test_dpo_recipe_losses_equal_the_native_run(tmp_path, checkpoint):
     rows = [json.loads(x) for x in (data.synthetic.ASSETS / "reviews" / "train.jsonl")
             .read_text().splitlines()[:24]]  # fmt: skip
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = tmp_path / "pairs"  # a folder of data files, as `trl dpo --dataset_name` reads
+    pairs.mkdir()
+    (pairs / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = tmp_path / "dpo.yaml"
     recipe.write_text(f"""# a TRL DPO recipe (trl dpo --config dpo.yaml)
 model_name_or_path: {checkpoint}

@@ -134,18 +134,36 @@ def _sequences(examples: Sequence[Mapping], paired: bool):
     return [(e["input_ids"], e["prompt_length"]) for e in examples]
 
 
-def mismatched_sequences(examples: Sequence[Mapping], length: int) -> list:
+def mismatched_sequences(
+    examples: Sequence[Mapping], length: int, max_length: int | None = None
+) -> list:
     """KTO's KL pairs: prompt i with completion i - 1 (a rotation by one within the batch, as
-    TRL's `KL_completion_ids`, so the mismatched completions are the batch's own), cut to
-    `length` from the end of the completion (keep_start)."""
+    TRL's `KL_completion_ids`, so the mismatched completions are the batch's own): the prompt
+    and the whole completion (`kl_completion_ids`, before truncation), cut to `max_length`
+    keeping the start, as TRL's collator; then to `length` (the batch width; the loader sizes
+    batches so that nothing is cut there)."""
     out = []
     n = len(examples)
     for i, e in enumerate(examples):
         other = examples[(i - 1) % n]
         prompt = list(e["input_ids"][: e["prompt_length"]])
-        completion = list(other["input_ids"][other["prompt_length"] :])
-        out.append(((prompt + completion)[:length], len(prompt)))
+        completion = other.get("kl_completion_ids")
+        if completion is None:  # rows tokenized before kl_completion_ids existed
+            completion = other["input_ids"][other["prompt_length"] :]
+        seq = prompt + list(completion)
+        if max_length is not None:
+            seq = seq[:max_length]
+        out.append((seq[:length], len(prompt)))
     return out
+
+
+def mismatched_lengths(prompt_lengths, kl_lengths, max_length: int | None = None) -> np.ndarray:
+    """Lengths of `mismatched_sequences` rows from each example's prompt length and whole
+    completion length (for choosing the batch width)."""
+    p = np.asarray(prompt_lengths, np.int64)
+    c = np.roll(np.asarray(kl_lengths, np.int64), 1)
+    n = p + c
+    return n if max_length is None else np.minimum(n, max_length)
 
 
 def _example_fields(examples: Sequence[Mapping], n_pad: int) -> dict:
@@ -185,6 +203,7 @@ def collate(
     pad_id: int = 0,
     batch_size: int | None = None,
     kto_kl: bool = False,
+    kl_max_length: int | None = None,
 ) -> Batch:
     """Right-padded `[R, length]` batch (R = 2E `[chosen; rejected]` for paired examples).
 
@@ -195,7 +214,8 @@ def collate(
       batch_size: pad the batch to this many examples with `valid = 0` ones (static shapes
         for the last, short batch); None: exactly `len(examples)`.
       kto_kl: unpaired only: append E rows of mismatched (prompt i, completion i - 1) pairs,
-        R = 2E `[matched; mismatched]`, for KTO's KL baseline (`mismatched_sequences`).
+        R = 2E `[matched; mismatched]`, for KTO's KL baseline (`mismatched_sequences`, cut to
+        `kl_max_length`: the tokenizer's max_length).
     """
     paired = "chosen_input_ids" in examples[0]
     if kto_kl and paired:
@@ -204,7 +224,8 @@ def collate(
     examples, n_pad = _padded_examples(examples, batch_size)
     seqs = _sequences(examples, paired)
     if kto_kl:  # rotate among the real examples only; padding rows stay padding
-        seqs += mismatched_sequences(examples[:n_given], length) + seqs[n_given : len(examples)]
+        kl = mismatched_sequences(examples[:n_given], length, kl_max_length)
+        seqs += kl + seqs[n_given : len(examples)]
     r = len(seqs)
     ids = np.full((r, length), pad_id, np.int32)
     attn = np.zeros((r, length), np.int32)

@@ -285,7 +285,13 @@ def _check_text(row: int, field: str, value, conversational: bool, *, prompt: bo
                 raise RowError(row, field, f"message {i} needs 'role' and 'content', got {keys}")
             role, content = m.get("role"), m.get("content")
             if role not in ROLES:
-                raise RowError(row, field, f"message {i} has role {role!r}, not one of {ROLES}")
+                hint = ""
+                if role in ("human", "gpt"):
+                    hint = (" (ShareGPT's role names: rename them user / assistant; TRL passes "
+                            "them to the chat template unchanged)")  # fmt: skip
+                raise RowError(
+                    row, field, f"message {i} has role {role!r}, not one of {ROLES}{hint}"
+                )
             if not isinstance(content, str):
                 raise RowError(
                     row, field, f"message {i} content is {type(content).__name__}, not str"

@@ -55,6 +55,25 @@ def _split_file(directory: Path, split: str) -> Path | None:
     return None
 
 
+def _load_folder(path: Path, split: str, cache_dir) -> datasets.Dataset:
+    """A local folder of data files, split as `datasets.load_dataset(folder)` splits it (what
+    `trl dpo --dataset_name folder` reads: file names such as `train-*.jsonl` / `test.parquet`
+    name splits, a lone file is "train")."""
+    names = sorted(p.name for p in path.iterdir())
+    if not any(Path(n).suffix in _BUILDERS for n in names):
+        raise FileNotFoundError(
+            f"{str(path)!r} has no {split}.{{json,jsonl,parquet,csv,arrow}}, no data files and "
+            f"is not a saved dataset; it holds {names}"
+        )
+    try:
+        loaded = datasets.load_dataset(str(path), cache_dir=cache_dir)
+    except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
+        raise ValueError(f"cannot read the folder {str(path)!r}: {err}") from err
+    if split not in loaded:
+        raise ValueError(f"{str(path)!r} has splits {list(loaded)}, not {split!r}")
+    return loaded[split]
+
+
 def load_preference_dataset(
     source: str | Path,
     *,
@@ -66,8 +85,10 @@ def load_preference_dataset(
 
     Args:
       source: a `.json` / `.jsonl` / `.parquet` / `.csv` / `.arrow` file; a directory written by
-        `Dataset.save_to_disk` / `DatasetDict.save_to_disk`; or a directory holding
-        `<split>.<ext>` files. With `hub=True`, a dataset name on the Hugging Face hub.
+        `Dataset.save_to_disk` / `DatasetDict.save_to_disk`; a directory holding
+        `<split>.<ext>` files; or any folder of data files, split as `datasets.load_dataset`
+        splits a local folder (a lone file is "train"). With `hub=True`, a dataset name on the
+        Hugging Face hub.
       split: the split to return from a DatasetDict or a directory of split files.
       cache_dir: where `datasets` keeps its Arrow cache (default: its own, `HF_DATASETS_CACHE`).
       hub: allow `source` to be a hub name (needs the network; off by default).
@@ -86,11 +107,7 @@ def load_preference_dataset(
             return loaded
         found = _split_file(path, split)
         if found is None:
-            names = sorted(p.name for p in path.iterdir())
-            raise FileNotFoundError(
-                f"{str(path)!r} has no {split}.{{json,jsonl,parquet,csv,arrow}} and is not a "
-                f"saved dataset; it holds {names}"
-            )
+            return _load_folder(path, split, cache_dir)
         path = found
     if path.is_file():
         if path.suffix == ".arrow":

@@ -23,7 +23,14 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from alignjax.data.batching import Batch, bucket_length, collate, default_buckets, pack
+from alignjax.data.batching import (
+    Batch,
+    bucket_length,
+    collate,
+    default_buckets,
+    mismatched_lengths,
+    pack,
+)
 
 __all__ = ["LoaderConfig", "DataLoader", "epoch_order"]
 
@@ -120,6 +127,16 @@ class DataLoader:
         self.process_index, self.process_count = process_index, process_count
         self.lengths = tokenized.lengths
         longest = int(self.lengths.max())
+        if config.kto_kl:
+            ds = tokenized.dataset
+            self._prompt_lengths = np.asarray(ds["prompt_length"], np.int64)
+            if "kl_completion_ids" in ds.column_names:
+                self._kl_lengths = np.asarray([len(c) for c in ds["kl_completion_ids"]], np.int64)
+            else:
+                self._kl_lengths = self.lengths - self._prompt_lengths
+            kl_max = tokenized.config.max_length
+            longest = max(longest, int(self._prompt_lengths.max() + self._kl_lengths.max())
+                          if kl_max is None else kl_max)  # fmt: skip
         self.buckets = config.buckets or default_buckets(longest)
         if not config.packing:
             bucket_length(longest, self.buckets)  # fail now, not mid-epoch
@@ -161,6 +178,22 @@ class DataLoader:
         per = self.config.batch_size // self.process_count
         return indices[self.process_index * per : (self.process_index + 1) * per]
 
+    def _longest(self, indices: np.ndarray) -> int:
+        """The longest row of a global batch, KTO's KL rows included (each host rotates its
+        own slice)."""
+        longest = int(self.lengths[indices].max())
+        if not self.config.kto_kl:
+            return longest
+        padded = np.pad(indices, (0, self.config.batch_size - len(indices)), constant_values=-1)
+        for host in range(self.process_count):
+            per = self.config.batch_size // self.process_count
+            mine = [int(i) for i in padded[host * per : (host + 1) * per] if i >= 0]
+            if mine:
+                kl = mismatched_lengths(self._prompt_lengths[mine], self._kl_lengths[mine],
+                                        self.data.config.max_length)  # fmt: skip
+                longest = max(longest, int(kl.max()))
+        return longest
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[int, Batch]]:
         """Yield `(batch_index, batch)` for this host, from global batch `start` on."""
         if self.config.packing:
@@ -170,16 +203,16 @@ class DataLoader:
         for k, indices in enumerate(self.plan(epoch)):
             if k < start:
                 continue
-            length = bucket_length(int(self.lengths[indices].max()), self.buckets)
+            length = bucket_length(self._longest(indices), self.buckets)
             mine = self._host(
                 np.pad(indices, (0, self.config.batch_size - len(indices)), constant_values=-1)
             )
             mine = [int(i) for i in mine if i >= 0]
             cols = self.data.dataset[mine or [int(indices[0])]]
             rows = [dict(zip(cols, values)) for values in zip(*cols.values())]
-            batch = collate(
-                rows, length, pad_id=self.data.pad_id, batch_size=per, kto_kl=self.config.kto_kl
-            )
+            batch = collate(rows, length, pad_id=self.data.pad_id, batch_size=per,
+                            kto_kl=self.config.kto_kl,
+                            kl_max_length=self.data.config.max_length)  # fmt: skip
             if not mine:  # this host's slice of a short last batch is empty: all padding
                 batch = _as_padding(batch)
             yield k, batch

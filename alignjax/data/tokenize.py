@@ -13,12 +13,15 @@ Output columns per paired row: `chosen_input_ids`, `chosen_prompt_length`, `reje
 `rejected_prompt_length` (prompt + completion ids; the prompt is the first `*_prompt_length`
 ids; under keep_end the two sides may keep different prompt tails), `length` (the longer side),
 `row` (index in the source dataset) and the SPPO win probabilities; unpaired rows:
-`input_ids`, `prompt_length`, `label`, `length`, `row`; SFT rows the same without `label`.
+`input_ids`, `prompt_length`, `label`, `length`, `row` and `kl_completion_ids` (the completion
+before `max_length` cut it: KTO's KL rows pair it with another row's prompt and only then cut
+to `max_length`, as TRL); SFT rows the same without `label` / `kl_completion_ids`.
 
 Prompt-only rows (TRL's prompt-only type, for on-policy methods) are `input_ids` (the prompt,
 tokenized as GRPOTrainer does: with special tokens, or the chat template with the generation
-prompt), `prompt_length` = their length, `length`, `row`; `max_prompt_length` (or `max_length`)
-truncates them by `truncation_mode`. Extra columns (`formats.EXTRA_FIELDS`: `prompt_id`,
+prompt), `prompt_length` = their length, `length`, `row`; `max_prompt_length` keeps their last
+tokens, as for every prompt (GRPO 1.16 does not truncate prompts; `max_length` bounds prompt
+plus completion, which the rollout enforces). Extra columns (`formats.EXTRA_FIELDS`: `prompt_id`,
 `score_chosen`, `score_rejected`) are kept when the dataset has them.
 
 SFT rows follow TRL's SFTTrainer: "language_modeling" rows are the whole text (EOS appended,
@@ -134,8 +137,16 @@ class DataReport:
 class TokenizedDataset(Sequence):
     """A tokenized `datasets.Dataset` with its format and report (indexable like the dataset)."""
 
-    def __init__(self, dataset: datasets.Dataset, fmt: DataFormat, report: DataReport, pad_id):
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        fmt: DataFormat,
+        report: DataReport,
+        pad_id,
+        config: TokenizeConfig | None = None,
+    ):
         self.dataset, self.format, self.report, self.pad_id = dataset, fmt, report, pad_id
+        self.config = TokenizeConfig() if config is None else config  # the lengths it was cut to
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -209,9 +220,9 @@ def _encode_prompt(tokenizer, record: Mapping, fmt: DataFormat, config: Tokenize
         ids = _ids(tokenizer(prompt))
     if not ids:
         raise RowError(index, "prompt", "tokenizes to no token")
-    n = config.max_prompt_length or config.max_length
+    n = config.max_prompt_length
     if n is not None and len(ids) > n:
-        ids = ids[:n] if config.truncation_mode == "keep_start" else ids[-n:]
+        ids = ids[-n:]  # as every prompt: its last max_prompt_length tokens
     return {"row": index, "input_ids": ids, "prompt_length": len(ids), "length": len(ids)}
 
 
@@ -257,6 +268,9 @@ def _encode_row(tokenizer, record: Mapping, fmt: DataFormat, config: TokenizeCon
         prefix = "" if side == "completion" else f"{side}_"
         out[f"{prefix}input_ids"] = p + c
         out[f"{prefix}prompt_length"] = len(p)
+        if fmt.kind == "unpaired":  # KTO's KL rows pair it, whole, with another prompt (TRL)
+            limit = config.max_completion_length
+            out["kl_completion_ids"] = completion if limit is None else completion[:limit]
     if single:
         if fmt.kind == "unpaired":
             out["label"] = record["label"]
@@ -275,6 +289,7 @@ def _features(fmt: DataFormat) -> datasets.Features:
         f.update(input_ids=ids, prompt_length=datasets.Value("int32"))
         if fmt.kind == "unpaired":
             f["label"] = datasets.Value("bool")
+            f["kl_completion_ids"] = ids
     else:
         for side in ("chosen", "rejected"):
             f[f"{side}_input_ids"] = ids
@@ -294,6 +309,7 @@ def _blank(fmt: DataFormat, index: int, err: RowError) -> dict:
         out.update(input_ids=[], prompt_length=0)
         if fmt.kind == "unpaired":
             out["label"] = False
+            out["kl_completion_ids"] = []
     else:
         out.update(chosen_input_ids=[], chosen_prompt_length=0)
         out.update(rejected_input_ids=[], rejected_prompt_length=0)
@@ -386,4 +402,4 @@ def tokenize_dataset(
     report = DataReport(len(dataset), len(mapped), dict(skipped), tuple(examples), every)
     if len(mapped) == 0:
         raise ValueError(f"every row was skipped:\n{report}")
-    return TokenizedDataset(mapped, fmt, report, pad_id)
+    return TokenizedDataset(mapped, fmt, report, pad_id, config)

@@ -170,7 +170,7 @@ def truncate_sequence(
     if max_length is not None and len(prompt) + len(completion) > max_length:
         excess = len(prompt) + len(completion) - max_length
         if mode == "keep_start":
-            completion = completion[: len(completion) - excess]
+            completion = completion[: max(len(completion) - excess, 0)]
         else:
             cut_prompt = min(excess, len(prompt))
             prompt = prompt[cut_prompt:]

@@ -78,7 +78,8 @@ def hold_out(tokenized, fraction: float, seed: int):
 
     def subset(idx):
         return D.TokenizedDataset(tokenized.dataset.select(idx.tolist()), tokenized.format,
-                                  tokenized.report, tokenized.pad_id)  # fmt: skip
+                                  tokenized.report, tokenized.pad_id,
+                                  tokenized.config)  # fmt: skip
 
     return subset(keep), subset(held)
 

@@ -131,7 +131,7 @@ class MetricsHook(Hook):
         avg = {m: float(np.mean([p[m] for p in rows])) for m in rows[0]}
         elapsed = time.perf_counter() - self.t0 - (ctx.paused_s - self.paused0)
         avg["step_time"] = elapsed / len(rows)
-        avg["tokens_per_s"] = sum(p["num_tokens"] for p in rows) / elapsed
+        avg["tokens_per_s"] = sum(p["completion_tokens"] for p in rows) / elapsed
         self.writer.write(ctx.step, avg, prefix="train/")
         if self.progress is not None:
             self.progress.update(0, loss=avg["loss"])

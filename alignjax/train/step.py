@@ -275,7 +275,8 @@ def build_step(
         metrics["loss"] = loss
         metrics["grad_norm"] = grad_norm
         metrics["skipped"] = (~finite).astype(jnp.float32)
-        metrics["num_tokens"] = num_tokens
+        # this step's completion tokens (TRL's `num_tokens` is a cumulative count of all tokens)
+        metrics["completion_tokens"] = num_tokens
         if learning_rate is not None:
             metrics["learning_rate"] = learning_rate(state.step)
         return new_state, metrics

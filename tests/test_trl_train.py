@@ -2,8 +2,8 @@
 
 - A DPO recipe written as TRL would write it (`model_name_or_path` a local HF checkpoint with
   its tokenizer, `dataset_name` a local folder of JSONL) run by `alignjax dpo --config` gives,
-  step by step, the same losses as the same run configured natively (bitwise: the same program on the
-  same data; any difference would be a mapping difference).
+  step by step, the same losses as the same run configured natively (bitwise: the same program
+  on the same data; any difference would be a mapping difference).
 - Every TRL dataset type that a present alignjax task trains on (language modeling and
   prompt-completion for SFT, standard and conversational; preference with explicit and implicit
   prompt, the UltraFeedback-binarized shape, HH-RLHF's text; unpaired preference, and paired

@@ -398,7 +398,8 @@ def _map_common(b: _Builder, task: str, devices: int) -> None:
         raise ValueError("TRL fields `bf16` and `fp16` are both true; choose one")
     compute = "bfloat16" if bf16 else "float16" if fp16 else None
     b.set("model.dtype", compute)
-    b.row("bf16", f"model.dtype = {compute!r} (mixed precision: float32 parameters)")
+    how = "float32 compute" if compute is None else "mixed precision: float32 parameters"
+    b.row("bf16", f"model.dtype = {compute!r} ({how})")
     if "fp16" in b.given:
         b.row("fp16", f"model.dtype = {compute!r}")
     b.put("gradient_checkpointing", "model.remat", convert=bool)
@@ -805,7 +806,9 @@ def from_trl(
     _map_common(b, task, _data_parallel_devices(overrides))
     {"dpo": _map_dpo, "kto": _map_kto, "sft": _map_sft}[command](b)
     for name in sorted(set(given) - b.used):
-        if name in NO_MEANING:
+        if name == "report_to" and given[name] in ("none", ["none"], [], None):
+            b.rows.append((name, given[name], "given", "(no logging back-end: as alignjax)"))
+        elif name in NO_MEANING:
             b.warnings.append(f"TRL field `{name}` = {given[name]!r} has no alignjax meaning; "
                               "not used")  # fmt: skip
         else:

@@ -311,3 +311,16 @@ def test_sgd_has_no_momentum(pairs):
     momentum from optim.b1, so the mapping sets it to 0."""
     m = R.from_trl("dpo", values={"dataset_name": pairs, "max_steps": 2, "optim": "sgd"})
     assert (m.config.optim.name, m.config.optim.b1) == ("sgd", 0.0)
+
+
+def test_label_smoothing_follows_trl_1_16(pairs):
+    """TRL 1.16 ignores label_smoothing on sigmoid (alignjax's sigmoid would apply cDPO), and
+    uses it on robust / exo_pair / aot."""
+    base = {"dataset_name": pairs, "max_steps": 2, "label_smoothing": 0.1}
+    m = R.from_trl("dpo", values=base)
+    assert "label_smoothing" not in m.config.loss.kwargs
+    assert any("`label_smoothing` = 0.1 is not used" in w for w in m.warnings)
+    robust = R.from_trl("dpo", values={**base, "loss_type": "robust"})
+    assert dict(robust.config.loss.kwargs) == {"label_smoothing": 0.1}
+    with pytest.raises(ValueError, match="`label_smoothing`"):
+        R.from_trl("dpo", values={**base, "loss_type": ["sigmoid", "robust"]})

@@ -722,7 +722,19 @@ def _map_dpo(b: _Builder) -> None:
         b.rows.append(("rpo_alpha", rpo, "given", "an ('sft', rpo_alpha) term (TRL <= 0.28)"))
     b.put("beta", "loss.beta", convert=float)
     kwargs: dict[str, Any] = {}
-    _loss_kwarg(b, kwargs, "label_smoothing")
+    smoothing = float(b.get("label_smoothing") or 0.0)
+    if smoothing and "sigmoid" in types:  # TRL 1.16 ignores it on sigmoid; alignjax: cDPO
+        if set(types) & {"exo_pair", "robust", "aot", "aot_unpaired"}:
+            raise ValueError("TRL field `label_smoothing` with loss_type sigmoid and a smoothed "
+                             "loss: TRL 1.16 applies it to the second only, alignjax's combined "
+                             "loss shares it (cDPO on sigmoid); run them apart")  # fmt: skip
+        b.used.add("label_smoothing")
+        b.warnings.append(
+            f"TRL field `label_smoothing` = {smoothing} is not used: TRL 1.16 ignores it on "
+            "sigmoid (alignjax would apply cDPO: give loss.kwargs.label_smoothing for that)"
+        )
+    else:
+        _loss_kwarg(b, kwargs, "label_smoothing")
     _loss_kwarg(b, kwargs, "f_divergence_type", "f_divergence", convert=str)
     _loss_kwarg(b, kwargs, "f_alpha_divergence_coef", "f_alpha")
     _loss_kwarg(b, kwargs, "ld_alpha")

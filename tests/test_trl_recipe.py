@@ -80,7 +80,6 @@ label_smoothing: 0.0
 f_divergence_type: alpha_divergence
 f_alpha_divergence_coef: 0.3
 ld_alpha: 0.5
-use_weighting: true
 precompute_ref_log_probs: true
 report_to: [wandb]
 """,
@@ -122,7 +121,6 @@ report_to: [wandb]
             "f_divergence": "alpha_divergence",
             "f_alpha": 0.3,
             "ld_alpha": 0.5,
-            "use_weighting": True,
         },  # fmt: skip
         "reference.mode": "precomputed",
         "peft.method": None,
@@ -139,7 +137,7 @@ report_to: [wandb]
     assert any("report_to" in w and "no alignjax meaning" in w for w in m.warnings)
     # every recipe field appears in the printed mapping
     table = m.table()
-    for name in ("warmup_ratio", "loss_type", "f_alpha_divergence_coef", "use_weighting"):
+    for name in ("warmup_ratio", "loss_type", "f_alpha_divergence_coef", "ld_alpha"):
         assert name in table
 
 
@@ -238,6 +236,7 @@ def test_rpo_alpha_and_sync_ref_model(pairs):
         ({"bf16": True, "fp16": True}, r"`bf16` and `fp16`"),
         ({"eval_strategy": "sometimes"}, r"`eval_strategy`"),
         ({"label_names": None, "optim_args": "x=1"}, r"`optim_args` = 'x=1'"),
+        ({"use_weighting": True}, r"`use_weighting` = True.*WPO"),
     ],
 )
 def test_bad_recipes_name_the_field(pairs, values, match):

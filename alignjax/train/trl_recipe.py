@@ -738,7 +738,11 @@ def _map_dpo(b: _Builder) -> None:
     _loss_kwarg(b, kwargs, "f_divergence_type", "f_divergence", convert=str)
     _loss_kwarg(b, kwargs, "f_alpha_divergence_coef", "f_alpha")
     _loss_kwarg(b, kwargs, "ld_alpha")
-    _loss_kwarg(b, kwargs, "use_weighting", convert=bool)
+    b.refuse_unless_default(
+        "use_weighting",
+        "alignjax's training step does not compute WPO's log sum_v p_v^2 (losses.dpo takes "
+        "them as chosen_log_sum_sq)",
+    )
     _loss_kwarg(b, kwargs, "discopop_tau")
     b.set("loss.kwargs", kwargs)
     for name in ("max_prompt_length", "max_completion_length"):  # TRL <= 0.28

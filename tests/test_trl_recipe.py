@@ -310,6 +310,9 @@ def test_sgd_has_no_momentum(pairs):
     momentum from optim.b1, so the mapping sets it to 0."""
     m = R.from_trl("dpo", values={"dataset_name": pairs, "max_steps": 2, "optim": "sgd"})
     assert (m.config.optim.name, m.config.optim.b1) == ("sgd", 0.0)
+    by_epochs = R.from_trl("dpo", values={"dataset_name": pairs, "optim": "sgd",
+                                          "num_train_epochs": 1}, overrides=MESH1)  # fmt: skip
+    assert by_epochs.config.steps == math.ceil(50 / 8)  # counted over the dataset's rows
 
 
 def test_label_smoothing_follows_trl_1_16(pairs):

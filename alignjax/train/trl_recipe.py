@@ -468,8 +468,8 @@ def _map_common(b: _Builder, task: str, devices: int) -> None:
     if optim == "sgd":  # transformers' "sgd": torch.optim.SGD without momentum
         b.set("optim.b1", 0.0)
         b.rows.append(("optim", optim, b.origin("optim"), "optim.b1 = 0.0 (no momentum)"))
-        for name in ("adam_beta1", "adam_beta2", "adam_epsilon"):
-            b.inert(name, "optim is sgd")
+        for adam in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+            b.inert(adam, "optim is sgd")
     else:
         b.put("adam_beta1", "optim.b1", convert=float)
         b.put("adam_beta2", "optim.b2", convert=float)
@@ -554,7 +554,7 @@ def _map_common(b: _Builder, task: str, devices: int) -> None:
         b.set("eval_every", ev)
         b.row("eval_steps", f"eval_every = {ev}")
     else:
-        b.used.add("eval_steps")
+        b.inert("eval_steps", "eval_strategy is 'no'")
     save = b.get("save_strategy")
     if save == "no":
         b.set("checkpoint.every", steps + 1)
@@ -658,10 +658,11 @@ def _map_reference(b: _Builder) -> None:
         b.set("reference.mode", "frozen")
         b.row("precompute_ref_log_probs", "reference.mode = 'frozen'")
     if b.get("sync_ref_model"):
-        if b.get("use_peft"):
+        if b.get("use_peft") or b.get("precompute_ref_log_probs"):
             raise ValueError(
                 "TRL field `sync_ref_model` needs a separate reference model; with `use_peft` "
-                "the reference is the policy with adapters off"
+                "the reference is the policy with adapters off, with "
+                "`precompute_ref_log_probs` it is a fixed cache"
             )
         b.set("reference.mode", "frozen")
         b.put("ref_model_sync_steps", "reference.sync_every", convert=int)

@@ -1,7 +1,8 @@
 """Pure loss functions: `(PreferenceBatch, **hyperparameters) -> LossOutput`, a registry by TRL
 `loss_type` name, and weighted combinations. Families: the DPO family (every TRL
 1.16 loss type, f-divergences, WPO, LD-DPO), CPO/SimPO/AlphaPO, ORPO, KTO, BCO, SPPO, and the
-token-level TDPO, SparsePO, MaPO and token-wise constrained SFT."""
+token-level TDPO, SparsePO, MaPO and token-wise constrained SFT; the unlearning losses GA,
+GradDiff, NPO and SimNPO on an `UnlearnBatch`."""
 
 from alignjax.losses import reference_free
 from alignjax.losses.compose import available, combine, get, needs_of, register
@@ -20,6 +21,7 @@ from alignjax.losses.token import (
     token_constrained_sft,
 )
 from alignjax.losses.types import LossOutput, LossTerm, PreferenceBatch
+from alignjax.losses.unlearn import UnlearnBatch, grad_ascent, grad_diff, npo, simnpo
 from alignjax.losses.unpaired import (
     BCO_MOMENTS,
     RewardMoments,
@@ -48,6 +50,11 @@ __all__ = [
     "CarriedState",
     "needs_of",
     "UnpairedBatch",
+    "UnlearnBatch",
+    "grad_ascent",
+    "grad_diff",
+    "npo",
+    "simnpo",
     "RewardMoments",
     "bco",
     "bco_rewards",

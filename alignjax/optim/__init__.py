@@ -1,10 +1,25 @@
 """optax GradientTransformations: AdamP / SGDP with reference parity, the radial projection
 for any inner transform, multi-objective gradient projection (PCGrad, MGDA), projection of
-parameters onto constraint sets, and parameter labelling (adapters only, no-decay masks, Half
-Fine-Tuning)."""
+parameters onto constraint sets, parameter labelling (adapters only, no-decay masks, Half
+Fine-Tuning), and weight-importance masks for unlearning (WAGLE scores, top-ratio masks, update
+or gradient masking)."""
 
 from alignjax.optim.adamp import ScaleByAdamPState, adamp, scale_by_adamp
 from alignjax.optim.constraints import project_params
+from alignjax.optim.importance import (
+    WAGLE_MU,
+    ImportanceMaskState,
+    accumulate_gradients,
+    gradient_scores,
+    load_mask,
+    magnitude_scores,
+    masked_gradients,
+    masked_updates,
+    random_scores,
+    save_mask,
+    top_ratio_mask,
+    wagle_scores,
+)
 from alignjax.optim.labels import (
     FROZEN,
     TRAINABLE,
@@ -67,4 +82,16 @@ __all__ = [
     "scale_by_adamp",
     "scale_by_sgdp",
     "sgdp",
+    "WAGLE_MU",
+    "ImportanceMaskState",
+    "accumulate_gradients",
+    "gradient_scores",
+    "load_mask",
+    "magnitude_scores",
+    "masked_gradients",
+    "masked_updates",
+    "random_scores",
+    "save_mask",
+    "top_ratio_mask",
+    "wagle_scores",
 ]

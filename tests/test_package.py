@@ -137,6 +137,7 @@ def test_benchmark_runs_and_reports_ratios(tmp_path, variants):
         "alignjax.optim.labels",
         "alignjax.optim.constraints",
         "alignjax.optim.importance",
+        "alignjax.optim.dpruner",
         "alignjax.optim.multi_objective",
         "alignjax.peft.lora",
         "alignjax.peft.bone",

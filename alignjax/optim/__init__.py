@@ -1,11 +1,25 @@
 """optax GradientTransformations: AdamP / SGDP with reference parity, the radial projection
 for any inner transform, multi-objective gradient projection (PCGrad, MGDA), projection of
 parameters onto constraint sets, parameter labelling (adapters only, no-decay masks, Half
-Fine-Tuning), and weight-importance masks for unlearning (WAGLE scores, top-ratio masks, update
-or gradient masking)."""
+Fine-Tuning), weight-importance masks for unlearning (WAGLE scores, top-ratio masks, update
+or gradient masking), and D-Pruner's importance and pruning (OBS score, dual importance,
+percentile masks)."""
 
 from alignjax.optim.adamp import ScaleByAdamPState, adamp, scale_by_adamp
 from alignjax.optim.constraints import project_params
+from alignjax.optim.dpruner import (
+    HessianState,
+    dual_importance_step,
+    hessian_finalize,
+    hessian_from_inputs,
+    hessian_init,
+    hessian_update,
+    obs_importance,
+    percentile_prune_mask,
+    prune_llama_params,
+    regularised_gradient,
+    sparsity_report,
+)
 from alignjax.optim.importance import (
     WAGLE_MU,
     ImportanceMaskState,
@@ -94,4 +108,15 @@ __all__ = [
     "save_mask",
     "top_ratio_mask",
     "wagle_scores",
+    "HessianState",
+    "dual_importance_step",
+    "hessian_finalize",
+    "hessian_from_inputs",
+    "hessian_init",
+    "hessian_update",
+    "obs_importance",
+    "percentile_prune_mask",
+    "prune_llama_params",
+    "regularised_gradient",
+    "sparsity_report",
 ]

@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 
 __all__ = ["main"]
@@ -61,17 +60,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 TRL_COMMANDS = ("dpo", "sft", "kto", "reward", "grpo", "rloo", "online-dpo")
-_OVERRIDE = re.compile(r"^([A-Za-z_]\w*)(\.[\w\[\]]+)*=")
-
-
-def _is_override(token: str) -> bool:
-    """`key=value` or `section.key=value` naming a TrainConfig field (an alignjax override)."""
-    import dataclasses
-
-    from alignjax.train.config import TrainConfig
-
-    m = _OVERRIDE.match(token)
-    return bool(m) and m.group(1) in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def _trl_main(command: str, argv: list[str]) -> int:
@@ -100,9 +88,10 @@ def _trl_main(command: str, argv: list[str]) -> int:
         else:
             rest.append(a)
         i += 1
-    overrides = [a for a in rest if _is_override(a)]
-    flags = [a for a in rest if not _is_override(a)]
     from alignjax.train import trl_recipe
+
+    overrides = [a for a in rest if trl_recipe.is_override(a)]
+    flags = [a for a in rest if not trl_recipe.is_override(a)]
 
     mapping = trl_recipe.from_trl(command, config, flags, overrides)
     print(mapping, flush=True)
@@ -117,46 +106,42 @@ def _trl_main(command: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TRL_COMMANDS:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        try:
-            return _trl_main(argv[0], argv[1:])
-        except (ValueError, FileNotFoundError) as err:
-            if os.environ.get("ALIGNJAX_DEBUG"):
-                raise
-            print(f"alignjax {argv[0]}: error: {err}", file=sys.stderr)
-            print("(set ALIGNJAX_DEBUG=1 for the traceback)", file=sys.stderr)
-            return 2
-    args = _parser().parse_args(argv)
+    trl = bool(argv) and argv[0] in TRL_COMMANDS
+    args = None if trl else _parser().parse_args(argv)
+    command = argv[0] if trl else args.command
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from alignjax.train import config as C
-
     try:
-        if args.command == "train":
-            from alignjax.train.trainer import train
-
-            cfg = C.load_config(args.config, args.overrides)
-            summary = train(cfg, progress=not args.no_progress)
-            print(json.dumps(summary, indent=2))
-        elif args.command == "eval":
-            from alignjax.train.trainer import evaluate_run
-
-            print(json.dumps(evaluate_run(args.run, step=args.step, overrides=args.overrides),
-                             indent=2))  # fmt: skip
-        elif args.command == "export":
-            from alignjax.train.trainer import export_run
-
-            print(json.dumps(export_run(args.run, args.out, step=args.step), indent=2))
-        else:
-            from alignjax.train.demo import run_demo
-
-            run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+        return _trl_main(command, argv[1:]) if trl else _run(args)
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get("ALIGNJAX_DEBUG"):
             raise
-        print(f"alignjax {args.command}: error: {err}", file=sys.stderr)
+        print(f"alignjax {command}: error: {err}", file=sys.stderr)
         print("(set ALIGNJAX_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+
+
+def _run(args) -> int:
+    from alignjax.train import config as C
+
+    if args.command == "train":
+        from alignjax.train.trainer import train
+
+        cfg = C.load_config(args.config, args.overrides)
+        summary = train(cfg, progress=not args.no_progress)
+        print(json.dumps(summary, indent=2))
+    elif args.command == "eval":
+        from alignjax.train.trainer import evaluate_run
+
+        print(json.dumps(evaluate_run(args.run, step=args.step, overrides=args.overrides),
+                         indent=2))  # fmt: skip
+    elif args.command == "export":
+        from alignjax.train.trainer import export_run
+
+        print(json.dumps(export_run(args.run, args.out, step=args.step), indent=2))
+    else:
+        from alignjax.train.demo import run_demo
+
+        run_demo(args.out, quick=args.quick, progress=not args.no_progress)
     return 0
 
 

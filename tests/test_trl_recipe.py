@@ -130,7 +130,7 @@ report_to: [wandb]
         node = values
         for part in key.split("."):
             node = node[part]
-        got = getattr(cfg, key) if "." not in key else node
+        got = node
         if isinstance(want, tuple):
             got = tuple(tuple(x) for x in got)
         assert got == want, key

@@ -174,9 +174,11 @@ class DataLoader:
         n, b = len(self.lengths), self.config.batch_size
         return n // b if self.config.remainder == "drop" else -(-n // b)
 
-    def _host(self, indices: np.ndarray) -> np.ndarray:
+    def _host(self, indices: np.ndarray, host: int | None = None) -> np.ndarray:
+        """Host `host`'s (default: this one's) slice of a padded global batch."""
+        host = self.process_index if host is None else host
         per = self.config.batch_size // self.process_count
-        return indices[self.process_index * per : (self.process_index + 1) * per]
+        return indices[host * per : (host + 1) * per]
 
     def _longest(self, indices: np.ndarray) -> int:
         """The longest row of a global batch, KTO's KL rows included (each host rotates its
@@ -186,8 +188,7 @@ class DataLoader:
             return longest
         padded = np.pad(indices, (0, self.config.batch_size - len(indices)), constant_values=-1)
         for host in range(self.process_count):
-            per = self.config.batch_size // self.process_count
-            mine = [int(i) for i in padded[host * per : (host + 1) * per] if i >= 0]
+            mine = [int(i) for i in self._host(padded, host) if i >= 0]
             if mine:
                 kl = mismatched_lengths(self._prompt_lengths[mine], self._kl_lengths[mine],
                                         self.data.config.max_length)  # fmt: skip

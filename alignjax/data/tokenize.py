@@ -86,15 +86,19 @@ class TokenizeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataReport:
-    """What tokenization kept and skipped. `skipped` counts (field, reason) pairs; `examples`
-    holds the first few (row, message) of skipped rows; `errors` every skipped row as
-    (row, field, problem), in row order (`to_dict` / `write` give all of them)."""
+    """What tokenization kept and skipped. `skipped` counts (field, reason) pairs; `errors`
+    holds every skipped row as (row, field, problem), in row order (`to_dict` / `write` give
+    all of them; `examples` the first ten as messages)."""
 
     total: int
     kept: int
     skipped: Mapping[tuple[str, str], int]
-    examples: tuple[tuple[int, str], ...] = ()
     errors: tuple[tuple[int, str, str], ...] = ()
+
+    @property
+    def examples(self) -> tuple[tuple[int, str], ...]:
+        """The first ten skipped rows as (row, message)."""
+        return tuple((r, f"row {r}, field {f!r}: {p}") for r, f, p in self.errors[:10])
 
     @property
     def skipped_rows(self) -> tuple[int, ...]:
@@ -170,12 +174,19 @@ def _ids(encoded) -> list[int]:
     return [int(t) for t in encoded]
 
 
+def _prompt_ids(tokenizer, prompt, conversational: bool) -> list[int]:
+    """A prompt's ids: the chat template with the generation prompt, or the text with the
+    tokenizer's special tokens (TRL's `_tokenize`)."""
+    if conversational:
+        ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
+        return _ids(ids)
+    return _ids(tokenizer(prompt))
+
+
 def _encode_sides(tokenizer, prompt, completions: dict, conversational: bool, add_eos: bool):
     """(prompt_ids, {side: full ids}) with the prompt/completion boundary shared by all sides."""
+    prompt_ids = _prompt_ids(tokenizer, prompt, conversational)
     if conversational:
-        prompt_ids = _ids(
-            tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
-        )
         full = {
             side: _ids(tokenizer.apply_chat_template(prompt + comp, tokenize=True))
             for side, comp in completions.items()
@@ -186,7 +197,6 @@ def _encode_sides(tokenizer, prompt, completions: dict, conversational: bool, ad
             raise ValueError("the tokenizer has no eos_token; pass TokenizeConfig(add_eos=False)")
         if add_eos:
             completions = {s: c if c.endswith(eos) else c + eos for s, c in completions.items()}
-        prompt_ids = _ids(tokenizer(prompt))
         full = {side: _ids(tokenizer(prompt + comp)) for side, comp in completions.items()}
     n = min(common_prefix_length(prompt_ids, ids) for ids in full.values())
     return prompt_ids[:n], full
@@ -213,11 +223,7 @@ def _encode_text(tokenizer, record: Mapping, fmt: DataFormat, config: TokenizeCo
 
 
 def _encode_prompt(tokenizer, record: Mapping, fmt: DataFormat, config: TokenizeConfig, index):
-    prompt = record["prompt"]
-    if fmt.conversational:
-        ids = _ids(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True))
-    else:
-        ids = _ids(tokenizer(prompt))
+    ids = _prompt_ids(tokenizer, record["prompt"], fmt.conversational)
     if not ids:
         raise RowError(index, "prompt", "tokenizes to no token")
     n = config.max_prompt_length
@@ -386,20 +392,14 @@ def tokenize_dataset(
     )
     errors = mapped["error"]
     bad = [i for i, e in enumerate(errors) if e]
-    skipped = collections.Counter()
-    examples = []
+    every = ()
     if bad:
         fields = mapped["error_field"]
-        for i in bad:
-            skipped[(fields[i], _reason(errors[i]))] += 1
-            if len(examples) < 10:
-                examples.append((i, f"row {i}, field {fields[i]!r}: {errors[i]}"))
         every = tuple((i, fields[i], errors[i]) for i in bad)
         mapped = mapped.select([i for i in range(len(mapped)) if not errors[i]])
-    else:
-        every = ()
+    skipped = collections.Counter((field, _reason(problem)) for _, field, problem in every)
     mapped = mapped.remove_columns(["error", "error_field"])
-    report = DataReport(len(dataset), len(mapped), dict(skipped), tuple(examples), every)
+    report = DataReport(len(dataset), len(mapped), dict(skipped), every)
     if len(mapped) == 0:
         raise ValueError(f"every row was skipped:\n{report}")
     return TokenizedDataset(mapped, fmt, report, pad_id, config)

@@ -130,7 +130,14 @@ def _is_list_field(meta: Mapping) -> bool:
     return "list" in meta.get("type", "")
 
 
-_OVERRIDE_HEAD = re.compile(r"^[A-Za-z_]\w*(\.[\w\[\]]+)+=")
+_OVERRIDE = re.compile(r"^([A-Za-z_]\w*)(\.[\w\[\]]+)*=")
+
+
+def is_override(token: str) -> bool:
+    """`key=value` or `section.key=value` naming a TrainConfig field: an alignjax override,
+    not a TRL flag or flag value."""
+    m = _OVERRIDE.match(token)
+    return bool(m) and m.group(1) in {f.name for f in dataclasses.fields(cfg_lib.TrainConfig)}
 
 
 def parse_flags(flags: Sequence[str], command: str) -> dict[str, Any]:
@@ -152,8 +159,8 @@ def parse_flags(flags: Sequence[str], command: str) -> dict[str, Any]:
         values = [raw] if eq else []
         i += 1
         while not eq and i < len(flags) and not flags[i].startswith("--"):
-            if _OVERRIDE_HEAD.match(flags[i]):
-                break  # an alignjax override (section.key=value)
+            if is_override(flags[i]):
+                break  # an alignjax override
             values.append(flags[i])
             i += 1
         parsed = [yaml.safe_load(v) for v in values]

@@ -23,6 +23,7 @@ from jax.test_util import check_grads
 from alignjax import losses as L
 
 UNPAIRED = {"kto", "apo_zero_unpaired", "bco"}
+UNLEARN = {n for n in L.available() if "unlearn" in L.needs_of(n).tasks}
 NAMES = L.available()
 N, T = 8, 5  # N pairs (one per device under pmap), T tokens
 
@@ -64,6 +65,9 @@ def build(name, a, pol):
     """The batch `name` consumes, with `pol` ([2N, T]) as the policy log-probs."""
     if name in UNPAIRED:
         return L.UnpairedBatch(pol, a["m"], a["labels"], a["ref"], a["kl_pol"], a["kl_ref"], a["m"])
+    if name in UNLEARN:  # forget = the first half of the rows, retain = the rest (one empty)
+        m, ref, n = a["m"], a["ref"], pol.shape[0] // 2
+        return L.UnlearnBatch(pol[:n], m[:n], pol[n:], m[n:], ref[:n], ref[n:], a["kl"][n:])
     fields = {k: a[k] for k in ("kl", "reward_mask", "kl_mask", "log_sum_sq")}
     fields.update({k: a[k] for k in ("chosen_win_prob", "rejected_win_prob", "win_prob")})
     return L.PreferenceBatch.from_stacked(pol, a["m"], a["ref"], **fields)

@@ -138,6 +138,7 @@ def test_benchmark_runs_and_reports_ratios(tmp_path, variants):
         "alignjax.optim.constraints",
         "alignjax.optim.importance",
         "alignjax.optim.dpruner",
+        "alignjax.optim.dpruner_model",
         "alignjax.optim.multi_objective",
         "alignjax.peft.lora",
         "alignjax.peft.bone",

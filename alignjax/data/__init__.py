@@ -38,7 +38,7 @@ from alignjax.data.load import (
     shipped_dataset,
     shipped_tokenizer,
 )
-from alignjax.data.loader import DataLoader, LoaderConfig, epoch_order
+from alignjax.data.loader import DataLoader, LoaderConfig, UnlearnLoader, epoch_order
 from alignjax.data.tokenize import (
     DataReport,
     TokenizeConfig,
@@ -73,6 +73,7 @@ __all__ = [
     "shipped_dataset",
     "shipped_tokenizer",
     "DataLoader",
+    "UnlearnLoader",
     "LoaderConfig",
     "epoch_order",
     "DataReport",

@@ -32,7 +32,7 @@ from alignjax.data.batching import (
     pack,
 )
 
-__all__ = ["LoaderConfig", "DataLoader", "epoch_order"]
+__all__ = ["LoaderConfig", "DataLoader", "UnlearnLoader", "epoch_order"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,3 +257,89 @@ class DataLoader:
             if k >= start:
                 yield k, host_batches[self.process_index]
             k += 1
+
+
+class UnlearnLoader:
+    """Unlearning batches: each step pairs a forget batch with a retain batch, both of
+    `config.batch_size` rows, collated as `[forget; retain]` rows of one static shape (the
+    layout of a paired batch, forget = first side; `valid` / `rows` are the forget rows').
+
+    The data position is the forget set's: batch k of epoch e is forget batch k of that epoch's
+    order (seed `config.seed`) with retain batch g mod n_r of retain epoch g // n_r, where
+    g = e * n_f + k counts the steps and the retain order is drawn with seed `config.seed + 1`
+    (an independent shuffle). So a run resumed at (e, k) sees exactly the batches of an
+    uninterrupted one, with no extra state. Both sets must hold at least one batch; the last
+    short batch of each is dropped (counted in `dropped` per set), never padded into a step.
+
+    Example:
+      loader = UnlearnLoader(forget, retain, LoaderConfig(batch_size=4, buckets=(64, 128)))
+      for k, batch in loader.epoch(0): ...     # batch.input_ids: [8, L], forget rows first
+    """
+
+    def __init__(
+        self,
+        forget,
+        retain,
+        config: LoaderConfig,
+        *,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        if config.packing or config.kto_kl:
+            raise ValueError("unlearning batches are padded [forget; retain] rows: turn off "
+                             "`packing` / `kto_kl`")  # fmt: skip
+        config = dataclasses.replace(config, remainder="drop")
+        for name, data in (("forget (data.train)", forget), ("retain (data.retain)", retain)):
+            if data is None or len(data) < config.batch_size:
+                n = 0 if data is None else len(data)
+                raise ValueError(f"the {name} set has {n} rows, fewer than one batch of "
+                                 f"{config.batch_size}")  # fmt: skip
+        if config.buckets is None:
+            longest = max(int(forget.lengths.max()), int(retain.lengths.max()))
+            config = dataclasses.replace(config, buckets=default_buckets(longest))
+        kw = dict(process_index=process_index, process_count=process_count)
+        self.config = config
+        self.forget = DataLoader(forget, config, **kw)
+        self.retain = DataLoader(retain, dataclasses.replace(config, seed=config.seed + 1), **kw)
+        self.buckets = config.buckets
+        self._retain_plans: dict[int, list] = {}
+
+    @property
+    def dropped(self) -> dict:
+        return {"forget": self.forget.dropped, "retain": self.retain.dropped}
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    def _retain_batch(self, step: int) -> np.ndarray:
+        n = len(self.retain)
+        epoch = step // n
+        if epoch not in self._retain_plans:
+            self._retain_plans = {epoch: self.retain.plan(epoch)}  # keep one epoch's plan
+        return self._retain_plans[epoch][step % n]
+
+    @staticmethod
+    def _rows(loader: DataLoader, indices: np.ndarray) -> list[dict]:
+        mine = [int(i) for i in loader._host(indices)]
+        cols = loader.data.dataset[mine]
+        return [dict(zip(cols, values)) for values in zip(*cols.values())]
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[int, Batch]]:
+        """Yield `(batch_index, batch)` for this host, from forget batch `start` on."""
+        per = self.config.batch_size // self.forget.process_count
+        n_f = len(self.forget)
+        for k, f_idx in enumerate(self.forget.plan(epoch)):
+            if k < start:
+                continue
+            r_idx = self._retain_batch(epoch * n_f + k)
+            longest = max(int(self.forget.lengths[f_idx].max()),
+                          int(self.retain.lengths[r_idx].max()))  # fmt: skip
+            length = bucket_length(longest, self.buckets)
+            forget, retain = self._rows(self.forget, f_idx), self._rows(self.retain, r_idx)
+            rows = [
+                {"chosen_input_ids": f["input_ids"], "chosen_prompt_length": f["prompt_length"],
+                 "rejected_input_ids": r["input_ids"],
+                 "rejected_prompt_length": r["prompt_length"], "row": f["row"]}
+                for f, r in zip(forget, retain)
+            ]  # fmt: skip
+            yield k, collate(rows, length, pad_id=self.forget.data.pad_id, batch_size=per)

@@ -16,6 +16,7 @@ Example (MPO, TRL's recipe):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from alignjax.losses import dpo as _dpo
 from alignjax.losses import reference_free as _rf
 from alignjax.losses import sppo as _sppo
 from alignjax.losses import token as _token
+from alignjax.losses import unlearn as _unlearn
 from alignjax.losses import unpaired as _unpaired
 from alignjax.losses.needs import LossNeeds, merge_needs
 from alignjax.losses.sft import sft as _sft
@@ -193,3 +195,21 @@ register("kto", _unpaired.kto, needs=_UNPAIRED)
 register("bco", _unpaired.bco, needs=LossNeeds(tasks=("unpaired",), state=_unpaired.BCO_MOMENTS))
 register("apo_zero_unpaired", functools.partial(_unpaired.kto, loss_type="apo_zero_unpaired"),
          needs=_UNPAIRED)  # fmt: skip
+
+
+def _unlearn_needs(reference: bool, default_retain: str | None) -> LossNeeds:
+    """An unlearning loss's needs: `retain="kl"` reads the per-token KL(ref || policy) on the
+    retain rows (so the reference runs in the step)."""
+    base = LossNeeds(tasks=("unlearn",), reference=reference)
+    with_kl = dataclasses.replace(base, kl=True)
+
+    def depends(kwargs):
+        return with_kl if kwargs.get("retain", default_retain) == "kl" else base
+
+    return dataclasses.replace(base, depends=depends)
+
+
+register("grad_ascent", _unlearn.grad_ascent, needs=_unlearn_needs(False, None))
+register("grad_diff", _unlearn.grad_diff, needs=_unlearn_needs(False, "nll"))
+register("npo", _unlearn.npo, needs=_unlearn_needs(True, "nll"))
+register("simnpo", _unlearn.simnpo, needs=_unlearn_needs(False, "nll"))

@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["TASKS", "LossNeeds", "MaskProvider", "CarriedState", "merge_needs"]
 
-TASKS = ("paired", "unpaired", "sft")
+TASKS = ("paired", "unpaired", "sft", "unlearn")
 
 
 @runtime_checkable
@@ -81,12 +81,16 @@ class LossNeeds:
     Attributes:
       tasks: batch kinds the loss reads: "paired" (`PreferenceBatch` of `[chosen; rejected]`
         rows), "unpaired" (`UnpairedBatch`, KTO / BCO), "sft" (single rows, as a
-        `PreferenceBatch` with chosen = rejected).
+        `PreferenceBatch` with chosen = rejected), "unlearn" (`UnlearnBatch` of forget and
+        retain rows).
       reference: needs reference log-probs (False: reference-free, e.g. SimPO / ORPO).
       kl: needs the per-token KL(ref || policy) (`chosen_kl` / `rejected_kl`), so the reference
         runs in the step (not precomputed).
       masks: a `MaskProvider` for token-weight masks (implies the reference runs in the step).
       state: a `CarriedState` (e.g. BCO's running reward moments).
+      depends: `(loss kwargs) -> LossNeeds` when what the loss needs depends on its
+        hyperparameters (e.g. NPO's `retain="kl"` term reads the per-token KL); the step asks
+        `for_kwargs`.
     """
 
     tasks: tuple[str, ...] = ("paired",)
@@ -94,6 +98,16 @@ class LossNeeds:
     kl: bool = False
     masks: MaskProvider | None = None
     state: CarriedState | None = None
+    depends: Callable[[Mapping[str, Any]], LossNeeds] | None = None
+
+    def for_kwargs(self, kwargs: Mapping[str, Any]) -> LossNeeds:
+        """The needs of the loss called with `kwargs` (itself unless `depends` is set)."""
+        if self.depends is None:
+            return self
+        out = self.depends(dict(kwargs))
+        if not isinstance(out, LossNeeds):
+            raise TypeError(f"`depends` must return a LossNeeds, got {type(out).__name__}")
+        return out
 
     def __post_init__(self):
         tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)

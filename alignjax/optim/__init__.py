@@ -20,6 +20,15 @@ from alignjax.optim.dpruner import (
     regularised_gradient,
     sparsity_report,
 )
+from alignjax.optim.dpruner_model import (
+    dpruner_masks,
+    dual_importance,
+    export_pruned,
+    general_importance,
+    generality_regularised,
+    projection_inputs,
+    prune_model,
+)
 from alignjax.optim.importance import (
     WAGLE_MU,
     ImportanceMaskState,
@@ -66,6 +75,13 @@ from alignjax.optim.projection import (
 from alignjax.optim.sgdp import ScaleBySGDPState, scale_by_sgdp, sgdp
 
 __all__ = [
+    "dpruner_masks",
+    "dual_importance",
+    "export_pruned",
+    "general_importance",
+    "generality_regularised",
+    "projection_inputs",
+    "prune_model",
     "FROZEN",
     "TRAINABLE",
     "MaskedTrainState",

@@ -28,6 +28,7 @@ __all__ = [
     "ReferenceConfig",
     "MeshConfig",
     "CheckpointConfig",
+    "MaskConfig",
     "TrainConfig",
     "from_dict",
     "to_dict",
@@ -51,7 +52,10 @@ class ModelConfig:
 class DataConfig:
     """Where the data comes from and how it is batched (see `alignjax.data`)."""
 
-    train: str = "shipped:train"
+    train: str = "shipped:train"  # task unlearn: the forget set
+    # task unlearn: the retain set (text or prompt-completion rows); each step pairs a batch of
+    # `batch_size` forget rows with one of `batch_size` retain rows
+    retain: str | None = None
     # "auto": the shipped held-out pairs for `shipped:train`; otherwise `eval_fraction` of the
     # training rows held out (said once in the log). None: no evaluation. Or a source.
     eval: str | None = "auto"
@@ -82,7 +86,9 @@ class LossConfig:
     None: the task's default (paired: sigmoid, unpaired: kto, sft: sft)."""
 
     name: str | None = None
-    beta: float = 0.1
+    # None: 0.1 for the paired and unpaired tasks; the loss's own default for task unlearn
+    # (npo 0.1, simnpo 2.5)
+    beta: float | None = None
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     combine: tuple[tuple[str, float], ...] = ()
     # SparsePO's learned token masks (loss "sparsepo"): the head variant ("all", "last", "mlp")
@@ -197,8 +203,31 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MaskConfig:
+    """An importance mask over the trainable parameters (`optim.importance`): only the selected
+    weights are trained. `score`: "wagle" (WAGLE's |(theta - g_retain / mu) g_forget|, task
+    unlearn), "gradient" (|g_forget|, task unlearn), "magnitude" (|theta|), "random"; computed
+    from the initial state over one epoch of the training batches and saved as
+    `<out_dir>/mask.npz` (a resumed run loads it). `path`: load a saved mask instead
+    (`importance.save_mask`). `ratio`: the trained fraction (exactly floor(N ratio) weights,
+    over all parameters or per matrix). `mode`: "updates" zeroes the updates after the whole
+    optax chain (masked weights bitwise unchanged, decay included); "gradients" is WAGLE's own
+    behaviour (zeroed gradients, so decoupled weight decay still shrinks masked weights)."""
+
+    score: str | None = None
+    path: str | None = None
+    ratio: float = 0.5
+    per_matrix: bool = False
+    mu: float = 1e-6  # WAGLE's Hessian parameter, as in every released config
+    mode: str = "updates"
+    seed: int = 0  # the "random" score
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One training run. `task`: "sft", "paired" (DPO family, SPPO), or "unpaired" (KTO/BCO).
+    """One training run. `task`: "sft", "paired" (DPO family, SPPO), "unpaired" (KTO/BCO), or
+    "unlearn" (forget `data.train` while retaining `data.retain`: grad_ascent, grad_diff, npo,
+    simnpo).
 
     `init_from`: a previous run's output directory (its `export/merged` model) or an HF model
     directory; it replaces `model.path` / `model.preset`.
@@ -228,6 +257,7 @@ class TrainConfig:
     reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mask: MaskConfig = dataclasses.field(default_factory=MaskConfig)
     imports: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -294,8 +324,36 @@ def validate(cfg: TrainConfig) -> None:
         from alignjax.data.formats import KINDS
 
         _choice("data.format", cfg.data.format, KINDS)
+    _validate_unlearn(cfg)
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ValueError(f"`data.eval_fraction` must be in (0, 1), got {cfg.data.eval_fraction}")
+
+
+MASK_SCORES = ("wagle", "gradient", "magnitude", "random")
+MASK_MODES = ("updates", "gradients")
+
+
+def _validate_unlearn(cfg: TrainConfig) -> None:
+    """task unlearn's data and the importance mask (a ValueError names the key)."""
+    if cfg.task == "unlearn" and cfg.data.retain is None:
+        raise ValueError("task=unlearn needs `data.retain` (the retain set; its NLL is logged "
+                         "for every unlearning loss)")  # fmt: skip
+    if cfg.task != "unlearn" and cfg.data.retain is not None:
+        raise ValueError(f"`data.retain` is for task=unlearn, not task={cfg.task!r}")
+    m = cfg.mask
+    if m.score is not None:
+        _choice("mask.score", m.score, MASK_SCORES)
+        if m.path is not None:
+            raise ValueError("give `mask.score` (compute a mask) or `mask.path` (load one), "
+                             "not both")  # fmt: skip
+        if m.score in ("wagle", "gradient") and cfg.task != "unlearn":
+            raise ValueError(f"mask.score={m.score!r} reads forget / retain gradients: it needs "
+                             "task=unlearn (use magnitude / random, or mask.path)")  # fmt: skip
+    _choice("mask.mode", m.mode, MASK_MODES)
+    if not 0.0 < m.ratio <= 1.0:
+        raise ValueError(f"`mask.ratio` must be in (0, 1], got {m.ratio}")
+    if not m.mu > 0:
+        raise ValueError(f"`mask.mu` must be > 0, got {m.mu}")
 
 
 # ------------------------------------------------------------------------------ conversion

@@ -4,6 +4,10 @@
 otherwise a held-out slice (`data.eval_fraction`, drawn with `data.seed`) of the training data
 itself, removed from training and said once in the log; never unrelated data. `data.eval=null`
 turns evaluation off; any other value names a source.
+
+Task unlearn: `data.train` is the forget set and `data.retain` the retain set (`load_retain`);
+both are evaluated (their NLL) by the run itself, so "auto" holds nothing out of the forget set
+and `data.eval` is only an extra utility set (held-out text) when it names a source.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import numpy as np
 
 from alignjax import data as D
 
-__all__ = ["TASK_KINDS", "load_split", "load_data", "hold_out"]
+__all__ = ["TASK_KINDS", "load_split", "load_data", "load_retain", "hold_out"]
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +26,7 @@ TASK_KINDS = {
     "sft": ("language_modeling", "prompt_completion"),
     "paired": ("paired", "sppo"),
     "unpaired": ("unpaired",),
+    "unlearn": ("language_modeling", "prompt_completion"),  # forget, retain and eval sets
 }
 MIN_HOLD_OUT_ROWS = 20  # below this many training rows, "auto" evaluates nothing
 
@@ -88,6 +93,11 @@ def load_data(cfg, tokenizer, *, with_train_data: bool = True):
     """(train, eval) tokenized splits of a run (either may be None; see the module docstring)."""
     d = cfg.data
     source = d.eval
+    if cfg.task == "unlearn":  # the forget set itself is evaluated: nothing is held out of it
+        train = load_split(d.train, cfg, tokenizer, cfg.task)
+        extra = source not in (None, "auto")
+        held = load_split(source, cfg, tokenizer, cfg.task) if extra else None
+        return train, held
     if source == "auto" and d.train == "shipped:train":
         source = "shipped:test"
     if source != "auto":
@@ -104,3 +114,10 @@ def load_data(cfg, tokenizer, *, with_train_data: bool = True):
                 "(data.eval_fraction=%g, data.seed=%d; data.eval=null for no evaluation)",
                 len(held), len(held) + len(train), d.train, d.eval_fraction, d.seed)  # fmt: skip
     return (train if with_train_data else None), held
+
+
+def load_retain(cfg, tokenizer):
+    """Task unlearn's retain set (`data.retain`), tokenized; None for other tasks."""
+    if cfg.task != "unlearn":
+        return None
+    return load_split(cfg.data.retain, cfg, tokenizer, cfg.task)

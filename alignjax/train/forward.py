@@ -152,10 +152,19 @@ def token_stats(spec, state: TrainState, params, batch) -> TokenStats:
 
 
 def loss_batch(spec, batch, logps, mask, ref_logps=None, kl=None, masks=None) -> Any:
-    """The loss's input pytree (`PreferenceBatch` / `UnpairedBatch`) from per-token values in
-    the loss layout (`masks`: `token_masks`' output)."""
+    """The loss's input pytree (`PreferenceBatch` / `UnpairedBatch` / `UnlearnBatch`) from
+    per-token values in the loss layout (`masks`: `token_masks`' output)."""
     if spec.task == "sft":
         return L.PreferenceBatch(logps, logps, mask, mask, ref_logps, ref_logps)
+    if spec.task == "unlearn":  # rows [forget; retain], E of each
+        n = batch.valid.shape[0]
+        kw = dict(forget_logps=logps[:n], forget_mask=mask[:n], retain_logps=logps[n:],
+                  retain_mask=mask[n:])  # fmt: skip
+        if ref_logps is not None:
+            kw.update(ref_forget_logps=ref_logps[:n], ref_retain_logps=ref_logps[n:])
+        if kl is not None:
+            kw["retain_kl"] = kl[n:]
+        return L.UnlearnBatch(**kw)
     if spec.task == "unpaired":
         n = batch.valid.shape[0]
         kw = dict(logps=logps[:n], mask=mask[:n], labels=batch.label)

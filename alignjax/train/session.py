@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import optax
 from flax import nnx
 
 from alignjax import data as D
@@ -26,7 +27,7 @@ from alignjax.train import config as cfg_lib
 from alignjax.train import evaluate as E
 from alignjax.train import reference as R
 from alignjax.train import step as S
-from alignjax.train.data import load_data
+from alignjax.train.data import load_data, load_retain
 from alignjax.train.placement import Placement, make_placement
 
 __all__ = ["Session", "setup", "open_run", "build_model", "build_spec", "load_tokenizer"]
@@ -95,7 +96,9 @@ def build_spec(cfg: cfg_lib.TrainConfig, *, adapted: bool) -> S.StepSpec:
 
         loss = losses.combine([(name, float(w)) for name, w in cfg.loss.combine])
     kwargs = dict(cfg.loss.kwargs)
-    if cfg.task != "sft":
+    if cfg.task in ("paired", "unpaired"):
+        kwargs.setdefault("beta", 0.1 if cfg.loss.beta is None else cfg.loss.beta)
+    elif cfg.task == "unlearn" and cfg.loss.beta is not None:  # else the loss's own default
         kwargs.setdefault("beta", cfg.loss.beta)
     mask_options = {} if cfg.loss.mask_head == "all" else {"variant": cfg.loss.mask_head}
     method = B.PEFT_METHODS.get(cfg.peft.method) if cfg.peft.method else None
@@ -189,6 +192,8 @@ class Session:
     placement: Placement
     step_fn: Any
     ref_caches: tuple = (None, None)  # precomputed reference log-probs (train, eval split)
+    retain_data: Any = None  # task unlearn: the retain set (`train_data` is the forget set)
+    mask: Any = None  # the importance mask (`mask:` config), a bool pytree like state.params
     adapted: list = dataclasses.field(default_factory=list)
     initial_state: Any = None  # the state before training (`open_run`)
     _eval_step: Any = None
@@ -240,8 +245,42 @@ class Session:
                                 remainder="pad", kto_kl=self.spec.kto_kl)  # fmt: skip
         return D.DataLoader(self.eval_data, config)
 
+    def unlearn_loader(self) -> D.UnlearnLoader:
+        """Task unlearn's training batches: `data.batch_size / optim.grad_accum` forget rows
+        with as many retain rows (`data.UnlearnLoader`)."""
+        d, o = self.cfg.data, self.cfg.optim
+        config = D.LoaderConfig(batch_size=d.batch_size // o.grad_accum, seed=d.seed,
+                                buckets=d.buckets, sort_window=d.sort_window)  # fmt: skip
+        return D.UnlearnLoader(self.train_data, self.retain_data, config)
+
+    def _nll_loader(self, split):
+        d = self.cfg.data
+        n = -(-d.eval_batch_size // jax.process_count()) * jax.process_count()
+        config = D.LoaderConfig(batch_size=n, shuffle=False, buckets=d.buckets, remainder="pad")
+        return D.DataLoader(split, config)
+
+    def _evaluate_unlearn(self, state) -> dict:
+        """Task unlearn: token-mean NLL and perplexity of the forget set (`forget/...`), the
+        retain set (`retain/...`) and `data.eval` if given (no prefix), under the policy."""
+        spec = S.StepSpec(task="sft", loss="sft", reference="none")
+        state, put = self.placement.eval_inputs(self.state if state is None else state)
+        if self._eval_step is None:
+            self._eval_step = E.build_eval_step(spec)
+        out = {}
+        for prefix, split in (("forget/", self.train_data), ("retain/", self.retain_data),
+                              ("", self.eval_data)):  # fmt: skip
+            if split is None:
+                continue
+            res = E.evaluate(state, self._eval_step, self._nll_loader(split), task="sft",
+                             max_batches=self.cfg.eval_batches, to_device=put)  # fmt: skip
+            out.update({f"{prefix}{k}": v for k, v in res.items()})
+        return out
+
     def evaluate(self, state=None) -> dict:
-        """Metrics on the eval split (`evaluate.evaluate`); {} without one."""
+        """Metrics on the eval split (`evaluate.evaluate`); {} without one. Task unlearn: the
+        forget, retain (and eval) sets' NLL."""
+        if self.cfg.task == "unlearn":
+            return self._evaluate_unlearn(state)
         loader = self.eval_loader()
         if loader is None:
             return {}
@@ -265,7 +304,9 @@ def setup(cfg: cfg_lib.TrainConfig, *, with_train_data: bool = True) -> Session:
     distributed_init(cfg)
     out_dir = Path(cfg.out_dir).absolute()
     tokenizer = load_tokenizer(cfg)
+    with_train_data = with_train_data or cfg.task == "unlearn"  # the forget set is evaluated
     train_data, eval_data = load_data(cfg, tokenizer, with_train_data=with_train_data)
+    retain_data = load_retain(cfg, tokenizer)
     model = build_model(cfg, tokenizer)
     adapted = add_adapters(cfg, model)
     spec = build_spec(cfg, adapted=bool(adapted))
@@ -274,15 +315,24 @@ def setup(cfg: cfg_lib.TrainConfig, *, with_train_data: bool = True) -> Session:
                          "mesh.pmap or several processes")  # fmt: skip
     method = B.PEFT_METHODS[cfg.peft.method] if cfg.peft.method else None
     optimizer, schedule = B.build_optimizer(cfg, peft_method=method)
-    state = build_state(cfg, model, optimizer, spec, adapted)
-    caches = reference_caches(cfg, spec, state, train_data, eval_data, out_dir)
     placement = make_placement(cfg.mesh)
-    state = placement.put_state(state)
-    step_fn = placement.build_step(spec, optimizer, learning_rate=schedule)
-    return Session(cfg=cfg, out_dir=out_dir, tokenizer=tokenizer, train_data=train_data,
-                   eval_data=eval_data, spec=spec, optimizer=optimizer, schedule=schedule,
-                   state=state, placement=placement, step_fn=step_fn, ref_caches=caches,
-                   adapted=adapted)  # fmt: skip
+    session = Session(cfg=cfg, out_dir=out_dir, tokenizer=tokenizer, train_data=train_data,
+                      eval_data=eval_data, spec=spec, optimizer=optimizer, schedule=schedule,
+                      state=None, placement=placement, step_fn=None, retain_data=retain_data,
+                      adapted=adapted)  # fmt: skip
+    if cfg.mask.score is not None or cfg.mask.path is not None:
+        from alignjax.train.importance import mask_optimizer, run_mask
+
+        initial = placement.put_state(build_state(cfg, model, optax.identity(), spec, adapted))
+        session.mask = run_mask(cfg, initial, session.unlearn_loader, placement=placement,
+                                out_dir=out_dir, is_main=session.is_main)  # fmt: skip
+        del initial
+        optimizer = session.optimizer = mask_optimizer(optimizer, session.mask, cfg.mask.mode)
+    state = build_state(cfg, model, optimizer, spec, adapted)
+    session.ref_caches = reference_caches(cfg, spec, state, train_data, eval_data, out_dir)
+    session.state = placement.put_state(state)
+    session.step_fn = placement.build_step(spec, optimizer, learning_rate=schedule)
+    return session
 
 
 def open_run(run_dir: str | Path, step: int | None = None, *, overrides=()) -> Session:

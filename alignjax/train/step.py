@@ -68,7 +68,7 @@ __all__ = [
     "TASKS",
 ]
 
-DEFAULT_LOSS = {"paired": "sigmoid", "unpaired": "kto", "sft": "sft"}
+DEFAULT_LOSS = {"paired": "sigmoid", "unpaired": "kto", "sft": "sft", "unlearn": "npo"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +77,11 @@ class StepSpec:
 
     Attributes:
       task: "paired" (rows `[chosen; rejected]`), "unpaired" (KTO/BCO rows, with KTO's
-        mismatched rows appended when `kto_kl`), or "sft" (single rows).
+        mismatched rows appended when `kto_kl`), "sft" (single rows), or "unlearn" (rows
+        `[forget; retain]`, laid out like a paired batch: `data.UnlearnLoader`).
       loss: a registered loss name or a loss function `(batch, **kw) -> LossOutput` (its needs:
-        `losses.needs_of`); None: the task's default (sigmoid / kto / sft). It must read the
+        `losses.needs_of(loss).for_kwargs(loss_kwargs)`); None: the task's default (sigmoid /
+        kto / sft / npo). It must read the
         task's batch kind (`LossNeeds.tasks`).
       loss_kwargs: its hyperparameters.
       reference: see `train.state`; must match the state's. A reference-free loss on "sft"
@@ -125,7 +127,7 @@ class StepSpec:
             raise ValueError(f"`task` must be one of {TASKS}, got {self.task!r}")
         if self.loss is None:
             object.__setattr__(self, "loss", DEFAULT_LOSS[self.task])
-        needs = L.needs_of(self.loss)
+        needs = L.needs_of(self.loss).for_kwargs(self.loss_kwargs)
         name = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", "loss")
         if self.task not in needs.tasks:
             raise ValueError(f"loss {name!r} reads {' / '.join(needs.tasks)} batches, not "
@@ -144,8 +146,13 @@ class StepSpec:
         object.__setattr__(self, "needs", needs)
         if self.reference not in REFERENCES:
             raise ValueError(f"`reference` must be one of {REFERENCES}, got {self.reference!r}")
-        if self.task == "sft" and not needs.reference and self.reference != "none":
-            object.__setattr__(self, "reference", "none")
+        free = not (needs.reference or needs.reference_in_step)
+        if self.task in ("sft", "unlearn") and free and self.reference != "none":
+            object.__setattr__(self, "reference", "none")  # no frozen copy for nothing
+        if self.task == "unlearn" and self.reference == "precomputed":
+            raise ValueError("task 'unlearn' builds its forget / retain rows per step and has no "
+                             "precomputed reference cache; use reference='frozen' or "
+                             "'adapters_disabled'")  # fmt: skip
         if needs.reference and self.reference == "none":
             raise ValueError(f"loss {name!r} needs reference log-probs; reference='none' is for "
                              "reference-free losses (use 'frozen', 'adapters_disabled' or "

@@ -71,6 +71,11 @@ def train_loader(session: Session) -> D.DataLoader:
     if d.batch_size % o.grad_accum:
         raise ValueError(f"`data.batch_size` {d.batch_size} is not divisible by "
                          f"`optim.grad_accum` {o.grad_accum}")  # fmt: skip
+    if session.cfg.task == "unlearn":
+        if d.packing:
+            raise ValueError("task=unlearn batches are padded [forget; retain] rows: set "
+                             "data.packing=false")  # fmt: skip
+        return session.unlearn_loader()
     config = D.LoaderConfig(
         batch_size=d.batch_size // o.grad_accum, seed=d.seed, buckets=d.buckets,
         sort_window=d.sort_window, packing=d.packing, pack_length=d.pack_length,
@@ -102,15 +107,15 @@ def _finish(session: Session, summary: dict, evaluation: H.EvalHook | None):
     def fn(ctx):
         if evaluation is not None:
             summary["eval"] = dict(evaluation.last) or session.evaluate(ctx.state)
-        samples = cfg.eval_samples and session.eval_data is not None
+        prompts = session.train_data if cfg.task == "unlearn" else session.eval_data
+        samples = cfg.eval_samples and prompts is not None  # unlearn: the forget prompts
         host = ctx.host_state() if samples or cfg.checkpoint.export_hf else None
         if not session.is_main:
             return
         if samples:
             (out / "samples.jsonl").unlink(missing_ok=True)
-            n = min(cfg.eval_samples, len(session.eval_data))
-            E.sample_completions(host, session.tokenizer,
-                                 [session.eval_data[i] for i in range(n)],
+            n = min(cfg.eval_samples, len(prompts))
+            E.sample_completions(host, session.tokenizer, [prompts[i] for i in range(n)],
                                  max_new_tokens=cfg.sample_tokens,
                                  path=out / "samples.jsonl")  # fmt: skip
         if cfg.checkpoint.export_hf:
@@ -156,7 +161,7 @@ def train(cfg: cfg_lib.TrainConfig, *, progress: bool = True, hooks: Sequence = 
         )
         bar = M.Progress(cfg.steps, initial=done, enabled=progress, desc=cfg.task)
         evaluation = None
-        if session.eval_data is not None:
+        if session.eval_data is not None or cfg.task == "unlearn":
             evaluation = H.EvalHook(session.evaluate, every=cfg.eval_every, writer=writer)
         parts = [H.ProgressHook(bar)]
         if writer is not None:
@@ -197,7 +202,7 @@ def evaluate_run(run_dir: str | Path, *, step: int | None = None, overrides=()) 
     """Evaluate a run's checkpoint (default: the latest) on its eval split (or
     `data.eval=...` in `overrides`)."""
     session = open_run(run_dir, step, overrides=overrides)
-    if session.eval_data is None:
+    if session.eval_data is None and session.cfg.task != "unlearn":
         raise ValueError("the run has no eval split; pass data.eval=<source>")
     result = session.evaluate()
     result["step"] = session.placement.host_position(session.state)[0]

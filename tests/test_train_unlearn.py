@@ -10,6 +10,7 @@ devices: 1e-5 relative, the float32 reduction order of batch sums split over dev
 tests/test_train_parallel.py).
 """
 
+import dataclasses
 import json
 
 import datasets
@@ -350,3 +351,18 @@ def test_trainer_unlearns_with_a_wagle_mask_and_resumes_bitwise(tmp_path):
         np.testing.assert_array_equal(a[~m], b[~m])
         moved += int(np.sum(a[m] != b[m]))
     assert moved > 0
+
+
+def test_an_empty_forget_or_retain_file_names_its_key(tmp_path):
+    from alignjax.train.session import setup
+
+    write_sets(tmp_path)
+    (tmp_path / "empty.jsonl").write_text("")
+    for key in ("data.train", "data.retain"):
+        cfg = dataclasses.replace(
+            unlearn_cfg(tmp_path, "e", 1),
+            data=dataclasses.replace(unlearn_cfg(tmp_path, "e", 1).data,
+                                     **{key.split(".")[1]: str(tmp_path / "empty.jsonl")}),
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=rf"`{key}.*is empty"):
+            setup(cfg)

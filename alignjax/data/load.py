@@ -116,6 +116,8 @@ def load_preference_dataset(
             raise ValueError(
                 f"cannot read {str(path)!r}: expected one of {sorted(_BUILDERS)} or .arrow"
             )
+        if path.suffix in (".json", ".jsonl", ".csv") and not path.read_bytes().strip():
+            raise ValueError(f"{str(path)!r} is empty: it holds no rows")
         try:
             return datasets.load_dataset(
                 _BUILDERS[path.suffix], data_files=str(path), split="train", cache_dir=cache_dir

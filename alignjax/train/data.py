@@ -94,7 +94,8 @@ def load_data(cfg, tokenizer, *, with_train_data: bool = True):
     d = cfg.data
     source = d.eval
     if cfg.task == "unlearn":  # the forget set itself is evaluated: nothing is held out of it
-        train = load_split(d.train, cfg, tokenizer, cfg.task)
+        train = _named("data.train (the forget set)", load_split, d.train, cfg, tokenizer,
+                       cfg.task)  # fmt: skip
         extra = source not in (None, "auto")
         held = load_split(source, cfg, tokenizer, cfg.task) if extra else None
         return train, held
@@ -120,4 +121,12 @@ def load_retain(cfg, tokenizer):
     """Task unlearn's retain set (`data.retain`), tokenized; None for other tasks."""
     if cfg.task != "unlearn":
         return None
-    return load_split(cfg.data.retain, cfg, tokenizer, cfg.task)
+    return _named("data.retain", load_split, cfg.data.retain, cfg, tokenizer, cfg.task)
+
+
+def _named(key: str, fn, *args):
+    """`fn(*args)` with a ValueError prefixed by the config key it concerns."""
+    try:
+        return fn(*args)
+    except ValueError as err:
+        raise ValueError(f"`{key}`: {err}") from err

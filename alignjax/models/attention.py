@@ -1,7 +1,8 @@
 """Attention for the Llama-family decoder: grouped-query attention (each KV head's query heads
 stacked into one matmul, no repeated K/V), causal block skipping, `jax.nn.dot_product_attention`
-/ cuDNN behind one switch, rotary position embeddings (with llama3 scaling), and the 4-D
-padding / packed-segment masks and default positions."""
+/ cuDNN / the memory-efficient `blockwise_attention` behind one switch, rotary position
+embeddings (with llama3 scaling), the padding / packed-segment masks (4-D, or 2-D for
+"blockwise") and default positions."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
+from alignjax.models.flash_attention import SequenceMask, blockwise_attention
+
 if TYPE_CHECKING:
     from alignjax.models.llama import LlamaConfig
 
@@ -18,6 +21,7 @@ __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "attention",
     "attention_mask_4d",
+    "attention_masks",
     "causal_attention",
     "default_positions",
     "grouped_query_attention",
@@ -72,11 +76,12 @@ def causal_attention(
     )
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "grouped", "jax", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "grouped", "jax", "cudnn", "blockwise")
 
 
 def attention(q, k, v, mask, *, implementation: str = "auto", causal: bool = False):
-    """Masked grouped-query attention by `implementation`:
+    """Masked grouped-query attention by `implementation`, with `mask` a dense [B, 1, T, S]
+    boolean array or (for "blockwise") a `SequenceMask` (`attention_masks` builds either):
 
     - "grouped": `causal_attention` (when `causal`, i.e. queries and keys are the same T
       positions) or `grouped_query_attention`: plain XLA, the fastest here on CPU.
@@ -84,10 +89,22 @@ def attention(q, k, v, mask, *, implementation: str = "auto", causal: bool = Fal
       by itself).
     - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA's fused kernel
       (fp16 / bf16 on GPU). Not exercised by the tests here (no GPU).
+    - "blockwise": `blockwise_attention` (key/value blocks, online softmax, recomputing
+      backward: O(T * block) memory instead of O(T^2)) when `mask` is a `SequenceMask` and
+      `causal`; given a dense mask (the KV-cache decode steps) it falls back to "auto".
     - "auto": "grouped" on CPU, "jax" elsewhere.
 
-    All of them are exact up to float rounding (tests compare "grouped" and "jax").
+    All of them are exact up to float rounding (tests compare "grouped" with "jax" and
+    "blockwise").
     """
+    if implementation == "blockwise":
+        if isinstance(mask, SequenceMask):
+            if not causal:
+                raise ValueError('"blockwise" attention with a `SequenceMask` must be causal')
+            return blockwise_attention(
+                q, k, v, key_valid=mask.key_valid, segment_ids=mask.segment_ids, causal=True
+            )
+        implementation = "auto"
     if implementation == "auto":
         implementation = "grouped" if jax.default_backend() == "cpu" else "jax"
     if implementation == "grouped":
@@ -108,6 +125,17 @@ def attention_mask_4d(attention_mask: jax.Array, segment_ids: jax.Array | None =
         mask = mask & same[:, None]
     # A query row with no visible key (a padding position) attends to itself: finite, ignored.
     return mask | jnp.eye(t, dtype=bool)[None, None]
+
+
+def attention_masks(
+    attention_mask: jax.Array, segment_ids: jax.Array | None, implementation: str
+) -> jax.Array | SequenceMask:
+    """The mask `attention(..., implementation=implementation, causal=True)` takes for a full
+    sequence: the 2-D `SequenceMask` for "blockwise" (never a [B, 1, T, T] array), else
+    `attention_mask_4d`."""
+    if implementation == "blockwise":
+        return SequenceMask(attention_mask.astype(bool), segment_ids)
+    return attention_mask_4d(attention_mask, segment_ids)
 
 
 def default_positions(attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:

@@ -10,7 +10,8 @@ onto it by renaming alone (`checkpoint.py`), with kernels transposed to the Flax
 Attention takes a boolean mask that combines causality, padding and packed segments
 (`attention_mask_4d`); `config.attention_implementation` picks the kernel (`attention`): on CPU
 our grouped-query form, which skips the key blocks that causality hides, elsewhere
-`jax.nn.dot_product_attention` (optionally its cuDNN kernel). Positions
+`jax.nn.dot_product_attention` (optionally its cuDNN kernel); "blockwise" takes the 2-D masks
+instead (`attention_masks`) and never holds [B, H, T, T] scores. Positions
 default to `cumsum(attention_mask) - 1` (left padding works), or restart at every packed segment.
 """
 
@@ -28,6 +29,7 @@ from alignjax.models.attention import (  # noqa: F401  (re-exported: models.llam
     apply_rope,
     attention,
     attention_mask_4d,
+    attention_masks,
     causal_attention,
     default_positions,
     grouped_query_attention,
@@ -446,7 +448,7 @@ class LlamaForCausalLM(nnx.Module):
         self.config.check_length(input_ids.shape[1])
         if positions is None:
             positions = default_positions(attention_mask, segment_ids)
-        mask = attention_mask_4d(attention_mask, segment_ids)
+        mask = attention_masks(attention_mask, segment_ids, self.config.attention_implementation)
         h = self.model.embed_tokens(input_ids)
         if self.dtype is not None:
             h = h.astype(self.dtype)

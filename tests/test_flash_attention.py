@@ -1,0 +1,237 @@
+"""`blockwise_attention` against the dense `grouped_query_attention` with the equivalent 4-D
+mask (values and gradients w.r.t. q, k, v) on causal, padded, packed, sliding-window, GQA and
+MHA inputs whose length is not a multiple of the block; the Llama with "blockwise" against
+"grouped"; and the compiled memory of forward + backward against the dense path.
+
+Tolerances: float32 1e-5. Both sides compute the same float32 scores and softmax; the blockwise
+one sums exponentials and probability-weighted values block by block with a running maximum, i.e.
+the same float32 terms in another order and with a rescaling, so they differ by a few ulps
+(observed < 2e-6 on these O(1) values)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from alignjax import models
+from alignjax.models.flash_attention import blockwise_attention
+
+B, T, D = 2, 45, 8
+BLOCKS = {"q_block": 16, "kv_block": 8}  # 45 = 2 * 16 + 13 = 5 * 8 + 5: padded internally
+
+
+def dense_mask(valid, segments=None, window=None):
+    """[B, 1, T, T] as `attention_mask_4d`, with an optional sliding window."""
+    i = np.arange(valid.shape[1])
+    mask = (i[:, None] >= i[None, :])[None] & valid[:, None, :]
+    if window is not None:
+        mask &= (i[:, None] - window < i[None, :])[None]
+    if segments is not None:
+        mask &= segments[:, :, None] == segments[:, None, :]
+    return jnp.asarray((mask | np.eye(len(i), dtype=bool))[:, None])
+
+
+def inputs(heads, kv, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, heads, D))
+    k, v = rng.standard_normal((2, B, T, kv, D))
+    ct = rng.standard_normal((B, T, heads, D))
+    return [jnp.asarray(x, dtype) for x in (q, k, v, ct)]
+
+
+def left_right_padding():
+    valid = np.ones((B, T), bool)
+    valid[0, :11] = False  # left padding
+    valid[1, 30:] = False  # right padding
+    return valid
+
+
+def packed_segments():
+    segments = np.zeros((B, T), np.int32)
+    segments[0, 12:], segments[0, 31:] = 1, 2
+    segments[1, 5:], segments[1, 20:] = 1, 2
+    valid = np.ones((B, T), bool)
+    valid[1, 40:] = False  # padding after the last segment
+    segments[1, 40:] = 3
+    return valid, segments
+
+
+CASES = {
+    "causal": lambda: (np.ones((B, T), bool), None, None),
+    "left_and_right_padding": lambda: (left_right_padding(), None, None),
+    "packed_3_segments": lambda: (*packed_segments(), None),
+    "sliding_window": lambda: (left_right_padding(), None, 10),
+}
+
+
+def value_and_grads(fn, q, k, v, ct):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(ct)
+
+
+@pytest.mark.parametrize("heads,kv", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_values_and_gradients_match_dense(case, heads, kv):
+    valid, segments, window = CASES[case]()
+    q, k, v, ct = inputs(heads, kv)
+    mask = dense_mask(valid, segments, window)
+    kw = dict(key_valid=jnp.asarray(valid), window=window, **BLOCKS)
+    if segments is not None:
+        kw["segment_ids"] = jnp.asarray(segments)
+
+    def blockwise(q, k, v):
+        return blockwise_attention(q, k, v, **kw)
+
+    def dense(q, k, v):
+        return models.grouped_query_attention(q, k, v, mask)
+
+    got_out, got_grads = jax.jit(lambda *a: value_and_grads(blockwise, *a))(q, k, v, ct)
+    want_out, want_grads = jax.jit(lambda *a: value_and_grads(dense, *a))(q, k, v, ct)
+    np.testing.assert_allclose(got_out, want_out, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip("qkv", got_grads, want_grads):
+        assert np.all(np.isfinite(got)), name
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
+    assert np.abs(np.asarray(got_grads[1])).max() > 0.1  # a real gradient, not all zeros
+
+
+def test_offsets_and_key_blocks_skipped_by_positions():
+    """Queries after a prefix (positions offset by 20 against 65 keys) with separate query / key
+    segment ids, against the dense mask built from the same positions."""
+    rng = np.random.default_rng(3)
+    t, s = 45, 65
+    q = jnp.asarray(rng.standard_normal((B, t, 4, D)), jnp.float32)
+    k, v = (jnp.asarray(x, jnp.float32) for x in rng.standard_normal((2, B, s, 2, D)))
+    qpos, kpos = np.arange(t) + 20, np.arange(s)
+    kseg = (kpos >= 30).astype(np.int32)[None].repeat(B, 0)
+    qseg = (qpos >= 30).astype(np.int32)[None].repeat(B, 0)
+    visible = (kpos[None, :] <= qpos[:, None]) & (qseg[:, :, None] == kseg[:, None, :])
+    mask = jnp.asarray((visible | (kpos[None, :] == qpos[:, None]))[:, None])
+    got = blockwise_attention(
+        q, k, v, segment_ids=(jnp.asarray(qseg), jnp.asarray(kseg)),
+        q_positions=jnp.asarray(qpos), k_positions=jnp.asarray(kpos), **BLOCKS,
+    )  # fmt: skip
+    want = models.grouped_query_attention(q, k, v, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_forward():
+    """bf16 inputs: the blockwise output (float32 statistics, bf16 probabilities in the value
+    product, as the dense path) against the dense path on the same bf16 inputs. Each side rounds
+    its probabilities and its output to bf16 (8 significant bits, relative error 2^-9 per
+    rounding): a few roundings of O(1) values give ~2^-9 * 4 = 8e-3; allow 2e-2 absolute."""
+    valid = left_right_padding()
+    q, k, v, _ = inputs(4, 2, jnp.bfloat16)
+    got = jax.jit(lambda q, k, v: blockwise_attention(q, k, v, key_valid=valid, **BLOCKS))(q, k, v)
+    want = models.grouped_query_attention(q, k, v, dense_mask(valid))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=0, atol=2e-2)
+
+
+def test_compiled_memory_of_forward_and_backward_is_a_fraction_of_dense():
+    """Temporary memory XLA allocates for forward + backward at T=2048 (B=1, H=4, d=32): the
+    dense path holds [H, T, T] scores / probabilities (16 MiB each in float32), the blockwise
+    one only [H, 128, 128] blocks. A property of the compiled program, not a measurement."""
+    b, t, h, d = 1, 2048, 4, 32
+    q, k, v = (jax.ShapeDtypeStruct((b, t, h, d), jnp.float32) for _ in range(3))
+    mask = models.attention_mask_4d(jnp.ones((b, t), jnp.int32))
+
+    def temp_bytes(fn):
+        grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2))
+        return jax.jit(grad).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+    dense = temp_bytes(lambda q, k, v: models.grouped_query_attention(q, k, v, mask))
+    blockwise = temp_bytes(blockwise_attention)
+    assert dense > 64 * 2**20  # the dense program does hold the [H, T, T] scores
+    assert blockwise < dense / 4, (blockwise, dense)
+
+
+CFG = models.LlamaConfig(
+    vocab_size=50,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+@pytest.fixture(scope="module")
+def models_pair():
+    grouped = models.LlamaForCausalLM(
+        models.LlamaConfig(**{**CFG.__dict__, "attention_implementation": "grouped"}),
+        rngs=nnx.Rngs(0),
+    )
+    cfg = models.LlamaConfig(**{**CFG.__dict__, "attention_implementation": "blockwise"})
+    blockwise = models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    return grouped, blockwise
+
+
+def model_batches():
+    """A padded batch (left padding in one row, right in the other) and a packed one (three
+    segments, then padding), T = 150: two query blocks of the default 128."""
+    t = 150
+    ids = np.random.default_rng(4).integers(1, 50, (2, t))
+    padded = np.ones((2, t), np.int32)
+    padded[0, :17], padded[1, 120:] = 0, 0
+    seg = np.zeros((2, t), np.int32)
+    seg[:, 40:], seg[:, 97:] = 1, 2
+    packed = np.ones((2, t), np.int32)
+    packed[1, 140:] = 0
+    return {"padded": (ids, padded, None), "packed": (ids, packed, seg)}
+
+
+@pytest.mark.parametrize("batch", ["padded", "packed"])
+def test_llama_blockwise_equals_grouped(models_pair, batch):
+    """Logits and the gradient of the masked next-token loss w.r.t. every parameter."""
+    ids, mask, seg = (None if x is None else jnp.asarray(x) for x in model_batches()[batch])
+
+    def loss_and_logits(model):
+        logits = model.logits(model(ids, mask, segment_ids=seg).last_hidden_state)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+        return jnp.sum(nll * mask[:, 1:]) / jnp.sum(mask[:, 1:]), logits
+
+    results = []
+    for model in models_pair:
+        graphdef, params = nnx.split(model)
+
+        def objective(params, graphdef=graphdef):
+            return loss_and_logits(nnx.merge(graphdef, params))
+
+        (loss, logits), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
+        results.append((loss, logits, grads))
+    (l0, z0, g0), (l1, z1, g1) = results
+    np.testing.assert_allclose(z1, z0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_blockwise_decodes_through_the_dense_path(models_pair):
+    """KV-cache generation keeps the dense mask: "blockwise" generates what "grouped" does."""
+    grouped, blockwise = models_pair
+    ids = jnp.asarray(np.random.default_rng(5).integers(1, 50, (2, 7)))
+    mask = jnp.ones((2, 7), jnp.int32)
+    a = models.generate(grouped, ids, mask, max_new_tokens=3)
+    b = models.generate(blockwise, ids, mask, max_new_tokens=3)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logps, b.logps, rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_visible_key_blocks_are_visited():
+    """The key-block range each query block walks (forward) and the query-block range each key
+    block walks (backward): causal skips the blocks above the diagonal, a window also those left
+    of it (64 positions in blocks of 16, window 20: query block 3 = 48..63 sees keys 29..63)."""
+    from alignjax.models.flash_attention import _block_ranges, _Blocks
+
+    pos = jnp.arange(64)[None]
+    (lo, hi), (qlo, qhi) = _block_ranges(_Blocks(True, None, 16, 16, 64), pos, pos)
+    np.testing.assert_array_equal(lo, [0, 0, 0, 0])
+    np.testing.assert_array_equal(hi, [1, 2, 3, 4])
+    np.testing.assert_array_equal(qlo, [0, 1, 2, 3])
+    np.testing.assert_array_equal(qhi, [4, 4, 4, 4])
+    (lo, hi), (qlo, qhi) = _block_ranges(_Blocks(True, 20, 16, 16, 64), pos, pos)
+    np.testing.assert_array_equal(lo, [0, 0, 0, 1])
+    np.testing.assert_array_equal(hi, [1, 2, 3, 4])
+    np.testing.assert_array_equal(qhi, [3, 4, 4, 4])

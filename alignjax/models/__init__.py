@@ -1,6 +1,7 @@
 """Models: a Llama-family decoder in Flax NNX with HF checkpoint I/O."""
 
 from alignjax.models.checkpoint import load_pretrained, save_pretrained
+from alignjax.models.flash_attention import SequenceMask, blockwise_attention
 from alignjax.models.llama import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -17,6 +18,8 @@ from alignjax.models.protocol import CausalLM
 from alignjax.models.sampling import Generation, generate
 
 __all__ = [
+    "SequenceMask",
+    "blockwise_attention",
     "CausalLM",
     "Generation",
     "generate",

@@ -30,7 +30,6 @@ from alignjax.data.formats import (
     RowError,
     detect_format,
     normalize_row,
-    unpair_preference_dataset,
 )
 from alignjax.data.load import (
     load_preference_dataset,
@@ -46,6 +45,7 @@ from alignjax.data.tokenize import (
     encode_row,
     tokenize_dataset,
 )
+from alignjax.data.unpair import unpair_preference_dataset
 
 __all__ = [
     "batching",

@@ -6,7 +6,8 @@ The parameter tree is Llama-shaped: embedding, per layer q/k/v/o and gate/up/dow
 two RMSNorm scales, a final norm and an untied LM head; `--size default` is about 100M
 parameters (vocab 32000, width 768, MLP 2048, 8 layers). One step = optimizer update + apply,
 jit-compiled with the parameters and optimizer state donated, float32, on whatever JAX runs on.
-Time: median of `--reps` steps after two warm-up steps (compilation excluded). Gradients are
+Time: median over `--rounds` rounds (the variants alternate within each round) of the median of
+`--reps` steps after two warm-up steps (compilation excluded). Gradients are
 fixed random arrays; AdamP / SGDP compute both projection views every step whatever the data,
 so the timing does not depend on them.
 
@@ -60,7 +61,7 @@ def shapes(size: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def jax_rows(size: str, reps: int, variants: set[str] | None = None) -> list[dict]:
+def jax_rows(size: str, reps: int, variants: set[str] | None = None, rounds: int = 1) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import optax
@@ -95,31 +96,35 @@ def jax_rows(size: str, reps: int, variants: set[str] | None = None) -> list[dic
             optax.scale_by_learning_rate(1e-5),
         ),
     }
-    rows = []
-    for name, tx in txs.items():
-        if variants is not None and name not in variants:
-            continue
+    names = [n for n in txs if variants is None or n in variants]
+    fns, per_round = {}, {n: [] for n in names}
+    for r in range(rounds):  # variants alternate within a round: a slow spell hits them all
+        for name in names:
+            tx = txs[name]
+            if name not in fns:
 
-        def step(p, s, g, tx=tx):
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
+                def step(p, s, g, tx=tx):
+                    u, s = tx.update(g, s, p)
+                    return optax.apply_updates(p, u), s
 
-        fn = jax.jit(step, donate_argnums=(0, 1))
-        p = jax.tree.map(jnp.copy, params)
-        s = tx.init(p)
-        for _ in range(2):
-            p, s = fn(p, s, grads)
-        jax.block_until_ready(p)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            p, s = fn(p, s, grads)
-            jax.block_until_ready((p, s))
-            times.append(time.perf_counter() - t0)
-        rows.append({"variant": name, "ms": 1e3 * statistics.median(times), "params": n_params})
-        del p, s
-        print(f"  {name:16s} {rows[-1]['ms']:9.1f} ms/step", flush=True)
-    return rows
+                fns[name] = jax.jit(step, donate_argnums=(0, 1))
+            fn = fns[name]
+            p = jax.tree.map(jnp.copy, params)
+            s = tx.init(p)
+            for _ in range(2):
+                p, s = fn(p, s, grads)
+            jax.block_until_ready(p)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                p, s = fn(p, s, grads)
+                jax.block_until_ready((p, s))
+                times.append(time.perf_counter() - t0)
+            per_round[name].append(1e3 * statistics.median(times))
+            del p, s
+            print(f"  round {r + 1} {name:16s} {per_round[name][-1]:9.1f} ms/step", flush=True)
+    return [{"variant": n, "ms": statistics.median(per_round[n]), "params": n_params,
+             "rounds_ms": [round(x, 1) for x in per_round[n]]} for n in names]  # fmt: skip
 
 
 def torch_rows(size: str, reps: int) -> list[dict]:
@@ -178,6 +183,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="default")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median taken)")
     ap.add_argument("--torch-python", help="a Python with torch==2.13.0 and adamp==0.3.0")
     ap.add_argument("--variants", help="comma-separated JAX optimizers to time (default: all)")
     ap.add_argument("--out", type=Path, default=RESULTS / "optim")
@@ -192,7 +198,8 @@ def main(argv=None) -> int:
         f"optimizer step, {args.size} Llama-shaped tree, jax {jax.__version__} "
         f"({jax.devices()[0].platform}), float32"
     )
-    rows = jax_rows(args.size, args.reps, set(args.variants.split(",")) if args.variants else None)
+    chosen = set(args.variants.split(",")) if args.variants else None
+    rows = jax_rows(args.size, args.reps, chosen, rounds=args.rounds)
     notes = []
     if args.torch_python:
         cmd = [
@@ -223,6 +230,7 @@ def main(argv=None) -> int:
         "shape": SIZES[args.size],
         "params": rows[0]["params"],
         "reps": args.reps,
+        "rounds": args.rounds,
         "jax": jax.__version__,
         "platform": jax.devices()[0].platform,
         "notes": notes,

@@ -273,7 +273,8 @@ def numpy_projection(w, g, u, axis, delta=0.1, wd_ratio=0.1, eps=1e-8):
 @pytest.mark.parametrize(
     "shape,axis,view",
     [
-        ((5, 4099), 1, "channel"),  # wider than COLUMN_BLOCK, not a multiple: overlapping block
+        ((5, 4099), 1, "channel"),  # fewer rows than ROW_BLOCK: the remainder only
+        ((19, 37), 1, "channel"),  # 2 blocks of ROW_BLOCK rows and a remainder of 3
         ((5, 4099), 1, "layer"),
         ((4099, 3), 0, "channel"),
         ((3, 3, 2, 5), 3, "channel"),
@@ -281,7 +282,12 @@ def numpy_projection(w, g, u, axis, delta=0.1, wd_ratio=0.1, eps=1e-8):
         ((6, 7), 1, "none"),
     ],
 )
-def test_radial_projection_matches_numpy_reference(shape, axis, view, x64):
+def test_radial_projection_matches_numpy_reference(shape, axis, view, x64, monkeypatch):
+    # channel-first leaves in channel blocks of CHANNEL_BLOCK // row elements: a small block
+    # makes (4099, 3) take 7 blocks of 586 channels, the last one overlapping its neighbour
+    from alignjax.optim import projection
+
+    monkeypatch.setattr(projection, "CHANNEL_BLOCK", 2048)
     rng = np.random.default_rng(sum(shape))
     w, g, u = (rng.normal(size=shape) for _ in range(3))
     wm = np.moveaxis(w, axis, 0).reshape(shape[axis], -1)

@@ -148,9 +148,17 @@ def scale_by_adamp(
             top = beta1 * m + (1 - beta1) * g if nesterov else m
             return (top / den).astype(g.dtype)
 
-        u = jax.tree.map(direction, updates, mu, nu)
+        # The direction is passed as a function of (g, m, v), not as a tree, so that the
+        # projection recomputes it where it is needed instead of storing it (see `projection`).
         projected = project_tree(
-            params, updates, u, axes, delta=hyper(delta, c), wd_ratio=hyper(wd_ratio, c), eps=e
+            params,
+            updates,
+            axes,
+            delta=hyper(delta, c),
+            wd_ratio=hyper(wd_ratio, c),
+            eps=e,
+            direction=direction,
+            parts=(updates, mu, nu),
         )
         u, ratios = split_projected(projected, updates)
         wds = leaf_decays(hyper(weight_decay, c), decay_mask_tree(mask, params), params)

@@ -91,50 +91,84 @@ def _cos(dot, g_sq, w_sq, eps):
     return jnp.abs(dot / (jnp.maximum(jnp.sqrt(g_sq), eps) * jnp.maximum(jnp.sqrt(w_sq), eps)))
 
 
-# Channel-last matrices wider than this are reduced in column blocks (see `_channel_stats`).
-COLUMN_BLOCK = 2048
+def _real_dot(a, b):
+    """Re(conj(a) b) elementwise: a * b for real arrays. With it a complex vector's inner
+    products, norms and cosines equal those of its stacked (real, imag) parts, as optax treats
+    complex parameters (`optax.tree.vdot`, |g|^2 in `scale_by_adam`)."""
+    if jnp.iscomplexobj(a) or jnp.iscomplexobj(b):
+        return a.real * b.real + a.imag * b.imag
+    return a * b
 
 
-def _channel_stats(w, g, u, axis: int):
-    """Per-channel <g, w>, |g|^2, |w|^2 and <w, u> (vectors of length w.shape[axis]).
+# Rows per reduction for channel-last matrices, elements per block for channel-first ones.
+ROW_BLOCK = 8
+CHANNEL_BLOCK = 2**19
 
-    No transposed copy for the two layouts that occur (channel axis first, as embeddings: row
-    reductions; or last, as Flax kernels: dot products over the rows, which XLA:CPU runs far
-    faster than a reduction over the leading axis). A channel-last matrix with many columns
-    (an LM head, (D, vocab)) is reduced in column blocks: XLA:CPU reduces a (D, vocab) array
-    about ten times slower than the same data in blocks of 2048 columns. HIGHEST precision keeps
-    the dots in float32 on TPU, whose default precision for float32 matmuls is bfloat16.
+
+def _add4(a, b):
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def _block_stats(w, g, u, axis: int):
+    """Per-channel <g, w>, |g|^2, |w|^2, <w, u> of a block, in one variadic reduction: one
+    pass over the block, with `u` (and the products) computed inside it, never stored."""
+    zero = jnp.zeros((), jnp.finfo(u.dtype).dtype)
+    ops = (_real_dot(g, w), _real_dot(g, g), _real_dot(w, w), _real_dot(w, u))
+    return lax.reduce(ops, (zero,) * 4, _add4, (1 - axis,))
+
+
+def _channel_stats(w, g, direction, parts, axis: int):
+    """Per-channel <g, w>, |g|^2, |w|^2 and <w, u> (vectors of length w.shape[axis], real), for
+    u = direction(*parts) elementwise; the layer view's totals are their sums.
+
+    One fused pass over w, g and the parts. XLA:CPU runs one variadic reduction over all four
+    products about as fast as a single one, but reduces over a long leading axis ten times more
+    slowly than along rows, and it stores an update that two fusions share. So a channel-last
+    (rows, c) matrix (Flax kernels, the LM head) is reduced ROW_BLOCK rows at a time and a
+    channel-first (c, row) one (embeddings) a block of channels at a time, both in a loop whose
+    body computes u from slices: the update is never materialised for the statistics.
     """
-    hi = lax.Precision.HIGHEST
     c = w.shape[axis]
-    if axis == 0:  # rows are channels: reductions along the contiguous axis, fused
-        w2, g2, u2 = (x.reshape(c, -1) for x in (w, g, u))
-        return tuple(jnp.sum(a * b, axis=1) for a, b in ((g2, w2), (g2, g2), (w2, w2), (w2, u2)))
-    if axis != w.ndim - 1:
-        w, g, u = (jnp.moveaxis(x, axis, -1) for x in (w, g, u))
-    w2, g2, u2 = (x.reshape(-1, c) for x in (w, g, u))
+    if axis not in (0, w.ndim - 1):
+        w, g, *parts = (jnp.moveaxis(x, axis, -1) for x in (w, g, *parts))
+        axis = w.ndim - 1
+    shape = (c, -1) if axis == 0 else (-1, c)
+    w, g, *parts = (x.reshape(shape) for x in (w, g, *parts))
+    arrays = (w, g, *parts)
+    axis = 0 if axis == 0 else 1
+    dtype = jax.eval_shape(direction, *parts).dtype
 
-    def block_stats(ws, gs, us):
-        return tuple(
-            jnp.einsum("rc,rc->c", a, b, precision=hi)
-            for a, b in ((gs, ws), (gs, gs), (ws, ws), (ws, us))
-        )
+    def stats(start, size, along):
+        ws, gs, *ps = (lax.dynamic_slice_in_dim(x, start, size, axis=along) for x in arrays)
+        u = direction(*ps)
+        return _block_stats(ws.astype(dtype), gs.astype(dtype), u, axis)
 
-    if c <= COLUMN_BLOCK:
-        return block_stats(w2, g2, u2)
-    n = -(-c // COLUMN_BLOCK)
+    real = jnp.finfo(dtype).dtype
+    if axis == 1:  # sum ROW_BLOCK rows at a time, then the remaining rows
+        rows = w.shape[0]
+        n = rows // ROW_BLOCK
+        acc = tuple(jnp.zeros((c,), real) for _ in range(4))
+        if n:
+            acc = lax.fori_loop(
+                0, n, lambda i, a: _add4(a, stats(i * ROW_BLOCK, ROW_BLOCK, 0)), acc
+            )
+        if rows % ROW_BLOCK:
+            acc = _add4(acc, stats(n * ROW_BLOCK, rows % ROW_BLOCK, 0))
+        return acc
+    width = max(1, CHANNEL_BLOCK // w.shape[1])
+    if c <= width:
+        return stats(0, c, 0)
+    n = -(-c // width)
     width = -(-c // n)  # n near-equal blocks; the last one starts earlier, overlapping
 
     def body(i, acc):
         start = jnp.minimum(i * width, c - width)
-        blocks = (lax.dynamic_slice_in_dim(x, start, width, axis=1) for x in (w2, g2, u2))
         return tuple(
             lax.dynamic_update_slice_in_dim(a, s, start, axis=0)
-            for a, s in zip(acc, block_stats(*blocks))
+            for a, s in zip(acc, stats(start, width, 0))
         )
 
-    init = tuple(jnp.zeros((c,), w.dtype) for _ in range(4))
-    return lax.fori_loop(0, n, body, init)
+    return lax.fori_loop(0, n, body, tuple(jnp.zeros((c,), real) for _ in range(4)))
 
 
 class Projected(NamedTuple):
@@ -148,6 +182,10 @@ class Projected(NamedTuple):
     layer_score: jax.Array
 
 
+def _identity(u):
+    return u
+
+
 def radial_projection(
     param: jax.Array,
     grad: jax.Array,
@@ -159,27 +197,44 @@ def radial_projection(
     eps=1e-8,
 ) -> Projected:
     """AdamP's `_projection` on one leaf. `channel_axis` None means "do not project" (1-D
-    parameters and leaves excluded by the spec): the update passes through with ratio 1."""
-    one = jnp.ones((), update.dtype)
+    parameters and leaves excluded by the spec): the update passes through with ratio 1.
+    Complex leaves use Re<a, b> and |x|, as if each were its stacked (real, imag) parts."""
+    return project_direction(
+        param, grad, _identity, (update,), channel_axis, delta=delta, wd_ratio=wd_ratio, eps=eps
+    )
+
+
+def project_direction(
+    param, grad, direction: Callable, parts, channel_axis, *, delta=0.1, wd_ratio=0.1, eps=1e-8
+) -> Projected:
+    """`radial_projection` of the update `direction(*parts)`, an elementwise function of arrays
+    shaped like `param` (Adam's m / (sqrt(v) + eps) from (g, m, v)). The statistics pass
+    computes it from slices and the projected update is one elementwise expression in it, so
+    XLA fuses the update into its consumers instead of storing it."""
     if channel_axis is None or param.ndim <= 1:
-        zero = jnp.zeros((), update.dtype)
+        update = direction(*parts)
+        one, zero = (jnp.asarray(x, jnp.finfo(update.dtype).dtype) for x in (1, 0))
         return Projected(update, one, jnp.zeros((), jnp.int32), zero, zero)
-    w, g, u = (x.astype(update.dtype) for x in (param, grad, update))
+    axis = channel_axis % param.ndim
     # The barrier keeps XLA from rewriting the layer totals below as fresh full reductions.
-    stats = lax.optimization_barrier(_channel_stats(w, g, u, channel_axis % w.ndim))
+    stats = lax.optimization_barrier(_channel_stats(param, grad, direction, parts, axis))
     dot_gw, g_sq, w_sq, dot_wu = stats
-    row_c = w.size // w.shape[channel_axis]
+    real = dot_gw.dtype
+    # A complex row of length n is a real one of length 2n (its stacked parts), thresholds too.
+    dof = 2 if jnp.iscomplexobj(param) or jnp.iscomplexobj(grad) else 1
+    row_c = dof * param.size // param.shape[axis]
     chan_score = jnp.max(_cos(dot_gw, g_sq, w_sq, eps)) * math.sqrt(row_c) / delta
-    layer_score = _cos(jnp.sum(dot_gw), jnp.sum(g_sq), jnp.sum(w_sq), eps) * math.sqrt(w.size)
-    layer_score = layer_score / delta
+    layer_score = _cos(jnp.sum(dot_gw), jnp.sum(g_sq), jnp.sum(w_sq), eps)
+    layer_score = layer_score * math.sqrt(dof * param.size) / delta
     chan_ok, layer_ok = chan_score < 1.0, layer_score < 1.0
     coef_chan = dot_wu / jnp.square(jnp.sqrt(w_sq) + eps)
     coef_layer = jnp.sum(dot_wu) / jnp.square(jnp.sqrt(jnp.sum(w_sq)) + eps)
     coef = jnp.where(chan_ok, coef_chan, jnp.where(layer_ok, coef_layer, 0.0))
-    shape = [1] * w.ndim
-    shape[channel_axis] = w.shape[channel_axis]
-    out = u - w * coef.reshape(shape)
-    ratio = jnp.where(chan_ok | layer_ok, jnp.asarray(wd_ratio, u.dtype), one)
+    shape = [1] * param.ndim
+    shape[axis] = param.shape[axis]
+    update = direction(*parts)
+    out = update - param.astype(update.dtype) * coef.reshape(shape).astype(update.dtype)
+    ratio = jnp.where(chan_ok | layer_ok, jnp.asarray(wd_ratio, real), jnp.ones((), real))
     view = jnp.where(chan_ok, 1, jnp.where(layer_ok, 2, 0)).astype(jnp.int32)
     return Projected(out, ratio, view, chan_score, layer_score)
 
@@ -209,16 +264,15 @@ def check_projection_hypers(delta, wd_ratio, eps, weight_decay):
     check_hyper("weight_decay", weight_decay, low=0.0)
 
 
-def project_tree(params, grads, updates, axes, *, delta, wd_ratio, eps):
-    """`radial_projection` on every leaf; returns a tree of `Projected`."""
-    return jax.tree.map(
-        lambda p, g, u, a: radial_projection(p, g, u, a, delta=delta, wd_ratio=wd_ratio, eps=eps),
-        params,
-        grads,
-        updates,
-        axes,
-        is_leaf=lambda x: x is None,
-    )
+def project_tree(params, grads, axes, *, delta, wd_ratio, eps, direction=_identity, parts=()):
+    """`project_direction` on every leaf: the update of a leaf is `direction` of the leaves of
+    the trees in `parts` (with the default identity, `parts = (updates,)`). A tree of
+    `Projected`."""
+
+    def one(p, g, a, *ps):
+        return project_direction(p, g, direction, ps, a, delta=delta, wd_ratio=wd_ratio, eps=eps)
+
+    return jax.tree.map(one, params, grads, axes, *parts, is_leaf=lambda x: x is None)
 
 
 def split_projected(tree, like):
@@ -279,11 +333,11 @@ def project_radial(
         projected = project_tree(
             params,
             updates,
-            inner_updates,
             axes,
             delta=hyper(delta, c),
             wd_ratio=hyper(wd_ratio, c),
             eps=hyper(eps, c),
+            parts=(inner_updates,),
         )
         new, ratios = split_projected(projected, updates)
         wd = hyper(weight_decay, c)

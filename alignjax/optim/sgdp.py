@@ -92,18 +92,22 @@ def scale_by_sgdp(
         buf = jax.tree.map(
             lambda b, g: (mom * b + (1 - damp) * g).astype(b.dtype), state.momentum, updates
         )
-        if nesterov:
-            d = jax.tree.map(lambda g, b: g + mom * b.astype(g.dtype), updates, buf)
-        else:
-            d = jax.tree.map(lambda g, b: b.astype(g.dtype), updates, buf)
+
+        # The step as a function of (g, old buffer): the projection recomputes it where needed,
+        # so neither the new buffer nor d is stored as a temporary (see `projection`).
+        def direction(g, b):
+            new = (mom * b + (1 - damp) * g).astype(b.dtype).astype(g.dtype)
+            return g + mom * new if nesterov else new
+
         projected = project_tree(
             params,
             updates,
-            d,
             axes,
             delta=hyper(delta, c),
             wd_ratio=hyper(wd_ratio, c),
             eps=hyper(eps, c),
+            direction=direction,
+            parts=(updates, state.momentum),
         )
         d, ratios = split_projected(projected, updates)
         if project_momentum and not nesterov:

@@ -366,3 +366,14 @@ def test_an_empty_forget_or_retain_file_names_its_key(tmp_path):
         )  # fmt: skip
         with pytest.raises(ValueError, match=rf"`{key}.*is empty"):
             setup(cfg)
+
+
+def test_unlearn_batches_refuse_packing_and_an_uneven_accumulation(tmp_path):
+    from alignjax.train import trainer
+    from alignjax.train.session import setup
+
+    write_sets(tmp_path)
+    for extra in ("data.packing=true", "optim.grad_accum=3"):
+        session = setup(unlearn_cfg(tmp_path, "p", 1, extra))
+        with pytest.raises(ValueError, match=extra.split(".")[1].split("=")[0]):
+            trainer.train_loader(session)

@@ -249,6 +249,10 @@ class Session:
         """Task unlearn's training batches: `data.batch_size / optim.grad_accum` forget rows
         with as many retain rows (`data.UnlearnLoader`)."""
         d, o = self.cfg.data, self.cfg.optim
+        if d.batch_size % o.grad_accum or d.packing:
+            raise ValueError(f"task=unlearn: `data.batch_size` {d.batch_size} must split into "
+                             f"`optim.grad_accum` {o.grad_accum} micro-batches, and "
+                             "`data.packing` false (padded [forget; retain] rows)")  # fmt: skip
         config = D.LoaderConfig(batch_size=d.batch_size // o.grad_accum, seed=d.seed,
                                 buckets=d.buckets, sort_window=d.sort_window)  # fmt: skip
         return D.UnlearnLoader(self.train_data, self.retain_data, config)

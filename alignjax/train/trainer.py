@@ -72,9 +72,6 @@ def train_loader(session: Session) -> D.DataLoader:
         raise ValueError(f"`data.batch_size` {d.batch_size} is not divisible by "
                          f"`optim.grad_accum` {o.grad_accum}")  # fmt: skip
     if session.cfg.task == "unlearn":
-        if d.packing:
-            raise ValueError("task=unlearn batches are padded [forget; retain] rows: set "
-                             "data.packing=false")  # fmt: skip
         return session.unlearn_loader()
     config = D.LoaderConfig(
         batch_size=d.batch_size // o.grad_accum, seed=d.seed, buckets=d.buckets,

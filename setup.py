@@ -68,7 +68,7 @@ setup(
         "alignjax.data": ["assets/reviews/*.jsonl", "assets/tokenizer/*.json"],
         "alignjax.train": ["trl_fields.json"],
     },
-    entry_points={"console_scripts": ["alignjax = alignjax.cli:main"]},
+    entry_points={"console_scripts": ["alignjax = alignjax.cli:entry"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: 3.11",

@@ -71,7 +71,7 @@ def test_readme_commands_and_ci():
     main, tests = _readme_block("main-command"), _readme_block("test-command")
     assert main.endswith(".venv/bin/python -m experiments.sentiment_control.study")
     assert (ROOT / "experiments" / "sentiment_control" / "study.py").exists()
-    assert "alignjax = alignjax.cli:main" in (ROOT / "setup.py").read_text()  # alignjax demo
+    assert "alignjax = alignjax.cli:entry" in (ROOT / "setup.py").read_text()  # alignjax demo
     assert '".[dev]"' in tests and "pytest" in tests
     for cmd in (main, tests):
         assert cmd.startswith("python3 -m venv .venv && ")
@@ -205,3 +205,37 @@ def test_packing_benchmark_runs(tmp_path):
     results = json.loads(out.with_suffix(".json").read_text())["results"]
     assert [r["variant"] for r in results] == ["padded (one length)", "bucketed + sorted", "packed"]
     assert len({r["real_tokens"] for r in results}) == 1  # same examples in every layout
+
+
+def test_the_console_command_restarts_once_with_the_heap_tunables(monkeypatch):
+    """`alignjax` (cli.entry) re-executes itself with GLIBC_TUNABLES = cli.GLIBC_HEAP on Linux,
+    and does not when the variable is set already (the restarted process) or opted out."""
+    import sys
+
+    from alignjax import cli
+
+    calls = []
+
+    class Restarted(Exception):
+        pass
+
+    def execve(path, args, env):
+        calls.append((path, args, env))
+        raise Restarted
+
+    monkeypatch.setattr(cli.os, "execve", execve)
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(sys, "argv", ["alignjax", "train", "steps=1"])
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("ALIGNJAX_GLIBC_TUNABLES", raising=False)
+    with pytest.raises(Restarted):
+        cli.entry()
+    path, args, env = calls[0]
+    assert path == sys.executable and args[1:] == ["-m", "alignjax.cli", "train", "steps=1"]
+    assert env["GLIBC_TUNABLES"] == cli.GLIBC_HEAP
+    monkeypatch.setenv("GLIBC_TUNABLES", cli.GLIBC_HEAP)  # the restarted process
+    assert cli.entry() == 0 and len(calls) == 1
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("ALIGNJAX_GLIBC_TUNABLES", "0")
+    assert cli.entry() == 0 and len(calls) == 1

@@ -376,24 +376,26 @@ def dpruner_rows(cfg: Study, model, ev: Evaluator, tokenizer, reviews, facts) ->
 # ------------------------------------------------------------------------------ report
 
 
+METRIC_KEYS = (  # the per-row metrics, in table order
+    "forget_nll",
+    "forget_extraction",
+    "retain_nll",
+    "retain_extraction",
+    "review_ppl",
+    "mia_auc",
+    "retain_nll_at_target",
+)
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and range over seeds per (loss, variant)."""
-    keys = (
-        "forget_nll",
-        "forget_extraction",
-        "retain_nll",
-        "retain_extraction",
-        "review_ppl",
-        "mia_auc",
-        "retain_nll_at_target",
-    )
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["loss"], r["variant"]), []).append(r)
     out = []
     for (loss, variant), rs in groups.items():
         row = {"loss": loss, "variant": variant, "seeds": [r["seed"] for r in rs]}
-        for k in keys:
+        for k in METRIC_KEYS:
             vals = [r[k] for r in rs if r[k] is not None]
             row[k] = float(np.mean(vals)) if vals else None
             row[k + "_range"] = [float(min(vals)), float(max(vals))] if vals else None
@@ -415,28 +417,19 @@ def fmt(row: dict, key: str, digits: int = 3) -> str:
 
 
 def table(before: dict, summary: list[dict], target: float, drows: list[dict], cfg: Study) -> str:
-    cols = (
-        "forget_nll",
-        "forget_extraction",
-        "retain_nll",
-        "retain_extraction",
-        "review_ppl",
-        "mia_auc",
-        "retain_nll_at_target",
-    )
     head = (
         "| loss | mask | forget NLL | forget extr. | retain NLL | retain extr. | review ppl "
         f"| MIA AUC | retain NLL at forget NLL >= {target:.2f} |"
     )
-    lines = [head, "|---|---|" + "---:|" * len(cols)]
+    lines = [head, "|---|---|" + "---:|" * len(METRIC_KEYS)]
     lines.append(
         "| (before: SFT model) | - | "
-        + " | ".join(f"{before[k]:.3f}" if k in before else "-" for k in cols)
+        + " | ".join(f"{before[k]:.3f}" if k in before else "-" for k in METRIC_KEYS)
         + " |"
     )
     for r in summary:
         lines.append(
-            f"| {r['loss']} | {r['variant']} | " + " | ".join(fmt(r, k) for k in cols) + " |"
+            f"| {r['loss']} | {r['variant']} | " + " | ".join(fmt(r, k) for k in METRIC_KEYS) + " |"
         )
     lines.append(
         f"\nMean [min, max] over seeds {list(cfg.seeds)} (data order and random-mask seed; one "

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_models import CFG  # the tiny GQA Llama the model tests use
 
 from alignjax import models
 from alignjax.models.flash_attention import blockwise_attention
@@ -145,16 +146,6 @@ def test_compiled_memory_of_forward_and_backward_is_a_fraction_of_dense():
     blockwise = temp_bytes(blockwise_attention)
     assert dense > 64 * 2**20  # the dense program does hold the [H, T, T] scores
     assert blockwise < dense / 4, (blockwise, dense)
-
-
-CFG = models.LlamaConfig(
-    vocab_size=50,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
 
 
 @pytest.fixture(scope="module")

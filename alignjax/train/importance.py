@@ -28,6 +28,7 @@ import optax
 
 from alignjax.losses.types import masked_sum
 from alignjax.optim import importance as I
+from alignjax.train.config import MASK_SCORES
 from alignjax.train.forward import token_stats
 from alignjax.train.placement import MeshPlacement, Placement, PmapPlacement
 from alignjax.train.step import StepSpec
@@ -122,12 +123,9 @@ def compute_mask(mask_cfg, state, loader=None, *, placement: Placement | None = 
         elif score == "random":
             scores = I.random_scores(params, mask_cfg.seed)
         else:
-            raise ValueError(f"`mask.score` must be one of {list(_SCORES)}, got {score!r}")
+            raise ValueError(f"`mask.score` must be one of {list(MASK_SCORES)}, got {score!r}")
     mask = I.top_ratio_mask(scores, mask_cfg.ratio, per_matrix=mask_cfg.per_matrix)
     return jax.tree.map(lambda m: np.asarray(m, bool), mask)
-
-
-_SCORES = ("wagle", "gradient", "magnitude", "random")
 
 
 def mask_optimizer(optimizer: optax.GradientTransformation, mask, mode: str = "updates"):

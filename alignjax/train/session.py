@@ -236,14 +236,17 @@ class Session:
         model = S.model_of(self.host_state(state))
         return peft.unload(model, merge_first=True) if merged and self.adapted else model
 
-    def eval_loader(self):
-        if self.eval_data is None:
+    def eval_loader(self, split=None):
+        """Every row of `split` (default: the eval split) once, in order, padded batches of
+        `data.eval_batch_size` (rounded up to the process count); None without a split."""
+        split = self.eval_data if split is None else split
+        if split is None:
             return None
         d = self.cfg.data
         n = -(-d.eval_batch_size // jax.process_count()) * jax.process_count()
         config = D.LoaderConfig(batch_size=n, shuffle=False, buckets=d.buckets,
                                 remainder="pad", kto_kl=self.spec.kto_kl)  # fmt: skip
-        return D.DataLoader(self.eval_data, config)
+        return D.DataLoader(split, config)
 
     def unlearn_loader(self) -> D.UnlearnLoader:
         """Task unlearn's training batches: `data.batch_size / optim.grad_accum` forget rows
@@ -257,12 +260,6 @@ class Session:
                                 buckets=d.buckets, sort_window=d.sort_window)  # fmt: skip
         return D.UnlearnLoader(self.train_data, self.retain_data, config)
 
-    def _nll_loader(self, split):
-        d = self.cfg.data
-        n = -(-d.eval_batch_size // jax.process_count()) * jax.process_count()
-        config = D.LoaderConfig(batch_size=n, shuffle=False, buckets=d.buckets, remainder="pad")
-        return D.DataLoader(split, config)
-
     def _evaluate_unlearn(self, state) -> dict:
         """Task unlearn: token-mean NLL and perplexity of the forget set (`forget/...`), the
         retain set (`retain/...`) and `data.eval` if given (no prefix), under the policy."""
@@ -275,7 +272,7 @@ class Session:
                               ("", self.eval_data)):  # fmt: skip
             if split is None:
                 continue
-            res = E.evaluate(state, self._eval_step, self._nll_loader(split), task="sft",
+            res = E.evaluate(state, self._eval_step, self.eval_loader(split), task="sft",
                              max_batches=self.cfg.eval_batches, to_device=put)  # fmt: skip
             out.update({f"{prefix}{k}": v for k, v in res.items()})
         return out

@@ -108,10 +108,10 @@ def torch_parts() -> dict:
         return 1e3 * sorted(times)[n // 2]
 
     def policy():
-        side._logps(side.model).sum().backward()
+        side.sequence_logps(side.model).sum().backward()
 
     with torch.no_grad():
-        ref = ms(lambda: side._logps(side.ref))
+        ref = ms(lambda: side.sequence_logps(side.ref))
     return {
         "dense logits forward (no_grad)": ref,
         "dense logits forward + backward": ms(policy),

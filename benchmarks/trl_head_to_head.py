@@ -253,7 +253,7 @@ class TorchSide:
         first = time.perf_counter() - t0
         return dict(compile_s=first, loss=self.step(), completion_tokens=int(self.mask.sum()))
 
-    def _logps(self, model):
+    def sequence_logps(self, model):
         logits = model(input_ids=self.ids, attention_mask=self.attn, use_cache=False).logits
         logp = logits[:, :-1].log_softmax(-1).gather(-1, self.labels).squeeze(-1)
         return (logp * self.mask).sum(-1)
@@ -263,8 +263,8 @@ class TorchSide:
         import torch.nn.functional as F
 
         with torch.no_grad():
-            ref = self._logps(self.ref)
-        pol = self._logps(self.model)
+            ref = self.sequence_logps(self.ref)
+        pol = self.sequence_logps(self.model)
         pc, pr = pol.chunk(2)
         rc, rr = ref.chunk(2)
         loss = -F.logsigmoid(BETA * ((pc - rc) - (pr - rr))).mean()

@@ -13,6 +13,7 @@ writes benchmarks/results/step_breakdown.json and .md.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -91,6 +92,51 @@ def alignjax_parts(layers: int) -> dict:
     return out
 
 
+def layer_parts() -> dict:
+    """One decoder layer's pieces timed alone (forward + backward, 16 x 128 tokens): causal
+    grouped-query attention, the SwiGLU MLP, RoPE of q and k, the four attention projections."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from alignjax import models
+
+    m, n = MODEL, ROWS * LENGTH
+    d = m["hidden"] // m["heads"]
+    r = np.random.default_rng(0)
+
+    def arr(*shape, scale=1.0):
+        return jnp.asarray(r.normal(size=shape) * scale, jnp.float32)
+
+    q, k = arr(ROWS, LENGTH, m["heads"], d), arr(ROWS, LENGTH, m["kv_heads"], d)
+    v, x = arr(ROWS, LENGTH, m["kv_heads"], d), arr(n, m["hidden"])
+    mask = jnp.tril(jnp.ones((LENGTH, LENGTH), bool))[None, None].repeat(ROWS, 0)
+    hidden, inter, kv = m["hidden"], m["intermediate"], m["kv_heads"] * d
+    wg, wu, wd = arr(hidden, inter, scale=0.05), arr(hidden, inter, scale=0.05), arr(inter, hidden)
+    proj = [arr(hidden, hidden), arr(hidden, kv), arr(hidden, kv), arr(hidden, hidden)]
+    positions = jnp.broadcast_to(jnp.arange(LENGTH), (ROWS, LENGTH))
+    inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, d, 2) / d))
+    # `alignjax.models.attention` is also a function name there: import the module by its path.
+    rope = importlib.import_module("alignjax.models.attention").apply_rope
+    pieces = {
+        "attention (grouped, causal)": (
+            lambda q, k, v: models.grouped_query_attention(q, k, v, mask).sum(), (q, k, v)),
+        "SwiGLU MLP": (
+            lambda x, a, b, c: ((jax.nn.silu(x @ a) * (x @ b)) @ c).sum(), (x, wg, wu, wd)),
+        "RoPE of q and k": (
+            lambda q, k: (rope(q, positions, inv_freq) ** 2).sum()
+            + (rope(k, positions, inv_freq) ** 2).sum(), (q, k)),
+        "q, k, v, o projections": (
+            lambda x, *w: sum((x @ wi).sum() for wi in w), (x, *proj)),
+    }  # fmt: skip
+    out = {}
+    for name, (f, args) in pieces.items():
+        grad = jax.jit(jax.grad(f, argnums=tuple(range(len(args)))))
+        out[name] = median_ms(lambda g=grad, a=args: g(*a))
+    out["sum"] = sum(out.values())
+    return out
+
+
 def torch_parts() -> dict:
     import torch
 
@@ -129,6 +175,7 @@ def main() -> None:
         print(json.dumps(torch_parts()))
         return
     result = {"alignjax": {str(n): alignjax_parts(n) for n in (1, 2, MODEL["layers"])}}
+    result["layer parts alone"] = layer_parts()
     if args.ref_python:
         cmd = [args.ref_python, __file__, "--torch-child"]
         result["PyTorch"] = json.loads(subprocess.check_output(cmd, text=True).splitlines()[-1])
@@ -144,6 +191,8 @@ def main() -> None:
         t1, t2, t4 = (result["alignjax"][k][name] for k in ("1", "2", str(MODEL["layers"])))
         per = (t4 - t1) / (MODEL["layers"] - 1)
         lines.append(f"| {name} | {t1:.1f} | {t2:.1f} | {t4:.1f} | {per:.1f} | {t1 - per:.1f} |")
+    lines += ["", "| one layer's part alone, forward + backward | ms |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in result["layer parts alone"].items()]
     if "PyTorch" in result:
         lines += ["", "| PyTorch part (4 layers) | ms |", "|---|---:|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in result["PyTorch"].items()]

@@ -15,30 +15,30 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from train_step import timed  # noqa: E402
 from trl_head_to_head import MODEL, TorchSide, tokens  # noqa: E402
 
 ROWS, LENGTH = 16, 128
 
 
-def median_ms(fn, n: int = 7) -> float:
-    import jax
+def median_ms(fn, n: int = 7, block=None) -> float:
+    """Milliseconds: `train_step.timed` over `n` calls after one warm-up, each call blocked on
+    (`block`, default `jax.block_until_ready`) its result."""
+    if block is None:
+        import jax
 
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return 1e3 * sorted(times)[n // 2]
+        block = jax.block_until_ready
+    block(fn())
+    return 1e3 * timed(lambda: block(fn()), n)
 
 
 def alignjax_parts(layers: int) -> dict:
@@ -140,20 +140,15 @@ def layer_parts() -> dict:
 def torch_parts() -> dict:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(os.cpu_count())  # as trl_head_to_head's default
     side = TorchSide(MODEL)
     side.setup(LENGTH, ROWS // 2)
 
-    def ms(fn, n=7):
-        fn()
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return 1e3 * sorted(times)[n // 2]
+    def ms(fn):
+        return median_ms(fn, block=lambda out: out)
 
     def policy():
+        side.opt.zero_grad(set_to_none=True)  # as in the step: no accumulation into .grad
         side.sequence_logps(side.model).sum().backward()
 
     with torch.no_grad():

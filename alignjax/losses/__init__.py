@@ -5,9 +5,24 @@ token-level TDPO, SparsePO, MaPO and token-wise constrained SFT; the unlearning 
 GradDiff, NPO and SimNPO on an `UnlearnBatch`."""
 
 from alignjax.losses import reference_free
+from alignjax.losses.advantages import (
+    combine_rewards,
+    group_advantages,
+    reward_metrics,
+    rloo_advantages,
+)
 from alignjax.losses.compose import available, combine, get, needs_of, register
 from alignjax.losses.dpo import FORMULAS, dpo, f_score, pair_scores, wpo_weights
+from alignjax.losses.kl_estimators import kl_k1, kl_k2, kl_k3, kl_k3_ratio
 from alignjax.losses.needs import CarriedState, LossNeeds, MaskProvider
+from alignjax.losses.online_dpo import online_dpo_loss, pair_by_reward
+from alignjax.losses.policy_gradient import (
+    RolloutBatch,
+    grpo_loss,
+    grpo_per_token_loss,
+    reinforce_kl_loss,
+    rloo_loss,
+)
 from alignjax.losses.reference_free import alphapo_reward, cpo, orpo
 from alignjax.losses.sft import sft
 from alignjax.losses.sparse_mask import SparseMaskHead, SparsePOMasks
@@ -81,4 +96,19 @@ __all__ = [
     "sppo_single",
     "win_probabilities",
     "wpo_weights",
+    "RolloutBatch",
+    "combine_rewards",
+    "group_advantages",
+    "grpo_loss",
+    "grpo_per_token_loss",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kl_k3_ratio",
+    "online_dpo_loss",
+    "pair_by_reward",
+    "reinforce_kl_loss",
+    "reward_metrics",
+    "rloo_advantages",
+    "rloo_loss",
 ]

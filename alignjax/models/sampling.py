@@ -1,8 +1,22 @@
 """Generation with a KV cache for `LlamaForCausalLM` (or any `models.CausalLM`): a batch of
 left-padded prompts, greedy or sampled (temperature, top-k, top-p), stop tokens; returns the new
-tokens and their log-probs under the (temperature-free) model distribution. One jit-compiled
-function per (model graph definition, batch, prompt length, max_new_tokens, sampling settings):
-models of one architecture share it, whatever spelling of their dtypes built them.
+tokens and their log-probs (`logps_mode`: under the temperature-free model distribution by
+default). One jit-compiled function per (model graph definition, batch, prompt length,
+max_new_tokens, sampling settings): models of one architecture share it, whatever spelling of
+their dtypes built them.
+
+Which log-probs (`logps_mode`), for a sampled token y with logits z:
+
+- "model" (default): log softmax(z)[y], the T = 1 model (what offline DPO-style losses score).
+- "temperature": log softmax(z / T)[y], no top-k / top-p filtering: exactly what a teacher-forced
+  forward with `logits / T` gives (`ops.fused_token_logps(..., temperature=T)`, TRL GRPO's
+  `old_per_token_logps`), so on-policy importance ratios start at 1 whatever the filtering.
+- "sampler": log softmax(filter(z / T))[y], the distribution the token was drawn from (top-k /
+  top-p applied and renormalised; vLLM's `processed_logprobs`, what TRL's vLLM importance-
+  sampling correction reads). Differs from "temperature" only when filtering removes mass.
+
+Greedy decoding (`temperature == 0`) has no temperature: "temperature" is then "model", and
+"sampler" is 0 (the argmax has probability 1).
 
 The cache holds prompt + new tokens, [B, P + N, kv_heads, head_dim] per layer. Prompt slot j is
 visible where the prompt mask is 1; generated slots are always real. Positions continue from
@@ -18,11 +32,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+LOGPS_MODES = ("model", "temperature", "sampler")
+
 
 class Generation(NamedTuple):
-    """`tokens` [B, N] (after a stop token: `pad_id`), `logps` [B, N] log p(token) under the
-    model's own distribution (0 after a stop), `lengths` [B] tokens up to and including the
-    first stop token."""
+    """`tokens` [B, N] (after a stop token: `pad_id`), `logps` [B, N] log p(token) (0 after a
+    stop) under the model's own distribution, or as `generate(logps_mode=...)` asks, `lengths`
+    [B] tokens up to and including the first stop token."""
 
     tokens: jax.Array
     logps: jax.Array
@@ -50,7 +66,15 @@ def _filter(logits, top_k, top_p):
 
 @functools.partial(
     nnx.jit,
-    static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "stop_tokens", "pad_id"),
+    static_argnames=(
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "stop_tokens",
+        "pad_id",
+        "logps_mode",
+    ),
 )
 def generate(
     model,
@@ -64,9 +88,13 @@ def generate(
     top_p: float | None = None,
     stop_tokens: tuple[int, ...] = (),
     pad_id: int = 0,
+    logps_mode: str = "model",
 ) -> Generation:
     """Greedy when `temperature == 0`, else sampled from softmax(logits / temperature) after
-    top-k / top-p filtering (`rng` required)."""
+    top-k / top-p filtering (`rng` required). `logps_mode` ("model", "temperature" or
+    "sampler", see the module docstring) picks which log-probs `Generation.logps` holds."""
+    if logps_mode not in LOGPS_MODES:
+        raise ValueError(f"`logps_mode` must be one of {LOGPS_MODES}, got {logps_mode!r}")
     b, p = prompt_ids.shape
     cfg = model.config
     total = p + max_new_tokens
@@ -95,11 +123,17 @@ def generate(
     key = jax.random.key(0) if rng is None else rng
 
     def pick(logits, key):
-        logps = jax.nn.log_softmax(logits, -1)
         if temperature == 0.0:
             token = jnp.argmax(logits, -1)
+            if logps_mode == "sampler":  # the argmax has probability 1
+                return token, jnp.zeros(token.shape, jnp.float32)
+            scored = logits
         else:
-            token = jax.random.categorical(key, _filter(logits / temperature, top_k, top_p), -1)
+            scaled = logits / temperature
+            filtered = _filter(scaled, top_k, top_p)
+            token = jax.random.categorical(key, filtered, -1)
+            scored = {"model": logits, "temperature": scaled, "sampler": filtered}[logps_mode]
+        logps = jax.nn.log_softmax(scored, -1)
         return token, jnp.take_along_axis(logps, token[:, None], -1)[:, 0]
 
     def body(i, carry):

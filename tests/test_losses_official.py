@@ -57,6 +57,11 @@ def case_fns():
         fields = dict(reward_mask="reward_mask")
         if c["independent"]:
             fields["kl_mask"] = "kl_mask"
+        else:
+            # The fixture is the official loss function, whose L1 weights the official trainer
+            # has already halved for the common mask; `sparsepo` halves them itself by default,
+            # so the trainer's configured values (twice the loss function's) must reproduce it.
+            kw.update(l1_reward=2 * kw["l1_reward"], l1_kl=2 * kw["l1_kl"])
         out[name] = (lambda b, kw=kw: L.sparsepo(b, **kw), fields)
     for name, beta in CASES["mapo"].items():
         out[name] = (lambda b, beta=beta: L.mapo(b, beta=beta), dict(reward_mask=DATA["mapo/mask"]))

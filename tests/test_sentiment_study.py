@@ -17,8 +17,11 @@ from experiments.sentiment_control import data as SD  # noqa: E402
 from experiments.sentiment_control import study  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
-RUN_KEYS = {"method", "beta", "trained", "reward", "reward_se", "kl", "kl_se", "train_seconds",
-            "logp_check", "positive_share", "mean_length", "vs_dpo"}  # fmt: skip
+RUN_KEYS = {"method", "beta", "seed", "trained", "reward", "reward_se", "kl", "kl_se",
+            "bounded_reward", "bounded_reward_se", "train_seconds", "logp_check",
+            "positive_share", "mean_length", "vs_dpo_reward", "vs_dpo_bounded_reward",
+            "dead_head"}  # fmt: skip
+FIGURES = ("frontier", "frontier_sparsepo", "masks", "trajectories", "dynamics", "mask_training")
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +34,10 @@ def quick(tmp_path_factory):
 def test_quick_study_writes_well_formed_outputs(quick):
     out, _ = quick
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("config", "data", "reference", "runs", "masks", "frontier", "verdict", "figures"):
+    for key in ("config", "data", "reference", "runs", "configs", "masks", "dynamics", "frontier",
+                "verdict", "figures"):  # fmt: skip
         assert key in summary, key
-    for name in ("frontier", "masks", "trajectories"):
+    for name in FIGURES:
         path = out / f"{name}.png"
         assert summary["figures"][name] == path.name
         assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000, name
@@ -44,6 +48,12 @@ def test_quick_study_writes_well_formed_outputs(quick):
         for key in ("reward", "reward_se", "kl", "kl_se", "train_seconds", "mean_length"):
             assert math.isfinite(r[key]), (r["method"], key, r[key])
         assert r["reward_se"] > 0 and r["kl_se"] > 0
+        assert 0.0 < r["bounded_reward"] < 1.0 and r["bounded_reward_se"] > 0
+    # one training seed: the configuration rows are the runs, with no seed interval
+    assert [(c["method"], c["beta"]) for c in summary["configs"]] == [
+        (r["method"], r["beta"]) for r in runs
+    ]
+    assert all(c["reward_ci"] is None for c in summary["configs"])
     # table.md: the reference row and one row per run, then the mask table.
     runs_table = (out / "table.md").read_text().split("\n\n")[0].splitlines()
     body = runs_table[2:]
@@ -75,6 +85,8 @@ def test_mask_statistics(quick):
     _, summary = quick
     rows = summary["masks"]
     kinds = {(r["method"], r["mask"], r["state"]) for r in rows}
+    sparse = next(r for r in summary["runs"] if r["method"] == "sparsepo")
+    assert sparse["dead_head"] is False  # the default head seed is alive on this reference
     assert kinds == {("sparsepo", "reward", "trained"), ("sparsepo", "reward", "init"),
                      ("mapo", "reward", "reference activations")}  # fmt: skip
     for r in rows:
@@ -92,7 +104,7 @@ def test_pair_generation_is_reproducible(quick, tmp_path):
     cfg = study.QUICK
     first = study.build_data(cfg, out / "runs" / "sft", tmp_path / "a")
     study.build_data(cfg, out / "runs" / "sft", tmp_path / "b")
-    for name in ("train_pairs.jsonl", "heldout_pairs.jsonl"):
+    for name in ("train_pairs.jsonl", "heldout_pairs.jsonl", "probe.jsonl"):
         a = (tmp_path / "a" / name).read_bytes()
         assert a == (tmp_path / "b" / name).read_bytes()
         assert a == (out / "runs" / "data" / name).read_bytes()
@@ -139,6 +151,45 @@ def test_bradley_terry_pairs_and_win_probabilities():
     assert cold["label_noise_rate"] == 0.0
     assert abs(hot["label_noise_rate"] - 0.5) < 0.03
     assert abs(hot["expected_label_noise_rate"] - 0.5) < 1e-3
+
+
+def test_dynamics_and_mask_training_are_logged(quick):
+    """The trajectory runs log the DPO-dynamics diagnostics at every evaluation (all 0 at step
+    0), and SparsePO's train step logs its mask and KL metrics."""
+    out, summary = quick
+    labels = {r["label"] for r in summary["dynamics"]}
+    assert {"DPO", "SPPO"} <= labels and any(lbl.startswith("SparsePO") for lbl in labels)
+    for row in summary["dynamics"]:
+        assert 0.0 <= row["dynamics/displacement"] <= 1.0
+        assert math.isfinite(row["dynamics/probe/entropy"]) and row["dynamics/probe/entropy"] > 0
+    metrics = out / "runs" / "sparsepo_beta0.8_seed0" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.open()]
+    first = next(r for r in rows if "eval/dynamics/delta_logps/chosen" in r)
+    assert first["step"] == 0 and first["eval/dynamics/delta_logps/chosen"] == 0.0
+    train = [r for r in rows if "train/mask/chosen_mean" in r]
+    keys = ("mask/rejected_mean", "mask/eos", "mask/sparsity", "seq_kl/chosen",
+            "masked_seq_kl/chosen")  # fmt: skip
+    assert train and all(math.isfinite(r[f"train/{k}"]) for r in train for k in keys)
+
+
+def test_seed_aggregation():
+    """Seed means and Student-t intervals of `report.aggregate` against a hand computation."""
+    from experiments.sentiment_control import report as R
+
+    ref = dict(reward=0.0, bounded_reward=0.5)
+    base = dict(label="x", loss="sigmoid", trained="full", positive_share=0.5, mean_length=10.0,
+                train_seconds=1.0, reward_se=0.1, kl_se=0.1, bounded_reward_se=0.01)  # fmt: skip
+    runs = [dict(base, method="dpo", beta=1.0, seed=s, reward=r, kl=k, bounded_reward=b)
+            for s, (r, k, b) in enumerate([(2.0, 4.0, 0.8), (2.2, 4.4, 0.82), (1.8, 3.6, 0.78)])]
+    runs += [dict(base, method="m", beta=1.0, seed=s, reward=r, kl=2.0, bounded_reward=0.6)
+             for s, r in enumerate([1.0, 1.2, 1.4])]  # fmt: skip
+    dpo, m = R.aggregate(runs, ref)
+    assert dpo["reward"] == pytest.approx(2.0) and dpo["kl"] == pytest.approx(4.0)
+    assert dpo["reward_ci"] == pytest.approx(4.303 * 0.2 / math.sqrt(3))
+    # DPO's frontier at KL 2 is half-way from the reference (0, 0) to (4, 2): 1.0
+    assert m["vs_dpo_reward"] == pytest.approx(0.2) and m["vs_dpo_reward_ci"] == pytest.approx(
+        4.303 * 0.2 / math.sqrt(3))  # fmt: skip
+    assert m["vs_dpo_bounded_reward"] == pytest.approx(0.6 - (0.5 + 0.5 * 0.3))
 
 
 pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or notebooks

@@ -103,7 +103,12 @@ def sparsity(mask_w, mask_l, batch: PreferenceBatch) -> jax.Array:
 
 
 def sparsepo(
-    batch: PreferenceBatch, *, beta: float = 0.1, l1_reward: float = 0.0, l1_kl: float = 0.0
+    batch: PreferenceBatch,
+    *,
+    beta: float = 0.1,
+    l1_reward: float = 0.0,
+    l1_kl: float = 0.0,
+    halve_common_l1: bool = True,
 ) -> LossOutput:
     """SparsePO (Christopoulou et al. 2024, arXiv:2410.05102; official HEBO/SparsePO).
 
@@ -113,12 +118,25 @@ def sparsepo(
     Loss per pair: -log s(beta [(U_w - U_l) - (D_l - D_w)]) + l1_reward (|m_u(y_w)| +
     |m_u(y_l)|) + l1_kl (|m_d(y_w)| + |m_d(y_l)|), L1 norms over completion tokens. Gradients
     reach the masks (the mask head trains through this loss). Rewards: beta (U - D).
+
+    `halve_common_l1`: with the common mask the official trainer halves both L1 weights in its
+    constructor ("make up for double adding", since the one mask is penalised through both
+    terms), so l1_reward = l1_kl = 0.001 there penalises |m| by 0.001 in total. False gives the
+    loss function with the weights as passed.
+
+    Metrics beyond TRL's: `mask/sparsity` (exact zeros of m_u over completion tokens; and
+    `mask/kl_sparsity` for m_d), `mask/chosen_mean` / `mask/rejected_mean` (mean m_u over each
+    side's completion tokens), `mask/eos` (mean m_u at each row's last completion token: the EOS
+    of completions that end with one), and the official `SeqKL` / `WgtSeqKL` as
+    `seq_kl/{chosen,rejected}` (sum of KL_t, the same as TDPO logs) and
+    `masked_seq_kl/{chosen,rejected}` (sum of m_d KL_t: the D the loss uses).
     """
     check_beta(beta)
     _require(batch, "chosen_kl", "rejected_kl", "chosen_reward_mask", "rejected_reward_mask")
     m_u_w, m_u_l = batch.chosen_reward_mask, batch.rejected_reward_mask
-    m_d_w = m_u_w if batch.chosen_kl_mask is None else batch.chosen_kl_mask
-    m_d_l = m_u_l if batch.rejected_kl_mask is None else batch.rejected_kl_mask
+    common = batch.chosen_kl_mask is None
+    m_d_w = m_u_w if common else batch.chosen_kl_mask
+    m_d_l = m_u_l if common else batch.rejected_kl_mask
     u_w, u_l, d_w, d_l = _masked_terms(batch, m_u_w, m_u_l, m_d_w, m_d_l)
     losses = -log_sigmoid(beta * ((u_w - u_l) - (d_l - d_w)))
 
@@ -127,14 +145,40 @@ def sparsepo(
             jnp.abs(m_l), batch.rejected_mask
         )
 
+    scale = 0.5 if common and halve_common_l1 else 1.0
     if l1_reward:
-        losses = losses + l1_reward * l1(m_u_w, m_u_l)
+        losses = losses + scale * l1_reward * l1(m_u_w, m_u_l)
     if l1_kl:
-        losses = losses + l1_kl * l1(m_d_w, m_d_l)
-    extra = {"mask/sparsity": sparsity(m_u_w, m_u_l, batch)}
-    if batch.chosen_kl_mask is not None:
+        losses = losses + scale * l1_kl * l1(m_d_w, m_d_l)
+    sg = lax.stop_gradient
+    extra = {
+        "mask/sparsity": sparsity(m_u_w, m_u_l, batch),
+        "mask/chosen_mean": sg(_token_mean(m_u_w, batch.chosen_mask)),
+        "mask/rejected_mean": sg(_token_mean(m_u_l, batch.rejected_mask)),
+        "mask/eos": sg(_last_token_mean(m_u_w, m_u_l, batch)),
+        "seq_kl/chosen": sg(jnp.mean(masked_sum(batch.chosen_kl, batch.chosen_mask))),
+        "seq_kl/rejected": sg(jnp.mean(masked_sum(batch.rejected_kl, batch.rejected_mask))),
+        "masked_seq_kl/chosen": sg(jnp.mean(d_w)),
+        "masked_seq_kl/rejected": sg(jnp.mean(d_l)),
+    }
+    if not common:
         extra["mask/kl_sparsity"] = sparsity(m_d_w, m_d_l, batch)
     return _output("sparsepo", losses, beta * (u_w - d_w), beta * (u_l - d_l), batch, extra)
+
+
+def _token_mean(values, mask):
+    return jnp.sum(masked_sum(values, mask)) / jnp.maximum(jnp.sum(mask != 0), 1)
+
+
+def _last_token_mean(m_w, m_l, batch):
+    """Mean of the masks at each non-empty row's last completion token."""
+    total, rows = 0.0, 0
+    for m, mask in ((m_w, batch.chosen_mask), (m_l, batch.rejected_mask)):
+        pos = completion_positions(mask)
+        last = (pos == jnp.max(pos, axis=-1, keepdims=True)) & (mask != 0)
+        total = total + jnp.sum(jnp.where(last, m, 0.0))
+        rows = rows + jnp.sum(jnp.any(last, axis=-1))
+    return total / jnp.maximum(rows, 1)
 
 
 def mapo(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:

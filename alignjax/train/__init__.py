@@ -9,7 +9,8 @@
   jitted step (exact accumulation, non-finite guard, TR-DPO sync).
 - `placement`: one device, a mesh, pmap, several processes. `sharding`: meshes and rules.
 - `loop`: `run` over batches with `hooks` (metrics, progress, evaluation, checkpoints, ...).
-- `checkpoint`, `metrics`, `reference` (precomputed reference log-probs), `evaluate`, `data`.
+- `checkpoint`, `metrics`, `reference` (precomputed reference log-probs), `evaluate`, `data`,
+  `dynamics` (DPO-dynamics diagnostics of paired runs).
 - `session`: `setup` (a run's parts from a config) and `open_run`; `trainer`: `train`,
   `evaluate_run`, `export_run` (what the `alignjax` command runs).
 

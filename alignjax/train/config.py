@@ -60,6 +60,10 @@ class DataConfig:
     # training rows held out (said once in the log). None: no evaluation. Or a source.
     eval: str | None = "auto"
     eval_fraction: float = 0.05
+    # task paired: the DPO-dynamics dispersion probe (`train.dynamics`), a source of held-out
+    # reference samples (prompt-completion or text rows in neither set of pairs) whose log-prob
+    # and entropy are logged at every evaluation; None: no probe
+    probe: str | None = None
     tokenizer: str = "shipped"
     columns: Mapping[str, str] = dataclasses.field(default_factory=dict)
     # the row kind when the columns fit several (`alignjax.data.formats.KINDS`); None: detected
@@ -95,6 +99,9 @@ class LossConfig:
     # and one common mask or independent reward / KL masks ("sparse-indp").
     mask_head: str = "all"
     independent_masks: bool = False
+    # further options of the loss's mask provider (`MaskProvider.configure`), e.g. SparsePO's
+    # {"init": "scaled", "kind": "random", "last_state": "postnorm", "head_seed": 7}
+    mask_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,8 +332,21 @@ def validate(cfg: TrainConfig) -> None:
 
         _choice("data.format", cfg.data.format, KINDS)
     _validate_unlearn(cfg)
+    _validate_probe(cfg)
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ValueError(f"`data.eval_fraction` must be in (0, 1), got {cfg.data.eval_fraction}")
+
+
+def _validate_probe(cfg: TrainConfig) -> None:
+    """`data.probe` is evaluated with a paired run's held-out pairs, every `eval_every` steps."""
+    if cfg.data.probe is None:
+        return
+    if cfg.task != "paired":
+        raise ValueError(f"`data.probe` (the DPO-dynamics dispersion probe) is for task=paired, "
+                         f"not task={cfg.task!r}")  # fmt: skip
+    if cfg.eval_every < 1:
+        raise ValueError(f"`data.probe` is evaluated every `eval_every` steps: set eval_every "
+                         f">= 1, got {cfg.eval_every}")  # fmt: skip
 
 
 MASK_SCORES = ("wagle", "gradient", "magnitude", "random")

@@ -20,6 +20,12 @@ depend on the batch size. Metrics keep TRL's names:
 `loss` of a paired loss is the mean of `LossOutput.losses`, which equals the training loss for
 every per-example-mean loss; losses with token-count terms (e.g. RPO's NLL part) are averaged
 per example here.
+
+`evaluate` is `eval_metrics(eval_examples(...))`: `eval_examples` returns the step's per-example
+arrays over the split (paired: `chosen_logps`, `rejected_logps`, `chosen_tokens`,
+`rejected_tokens`, `losses`, `chosen_rewards`, `rejected_rewards`, `valid`), which a paired run
+also turns into the DPO-dynamics diagnostics `dynamics/*` (`train.dynamics`) without a second
+forward pass.
 """
 
 from __future__ import annotations
@@ -41,7 +47,13 @@ from alignjax.train.forward import loss_batch, token_stats
 from alignjax.train.state import TrainState, model_of
 from alignjax.train.step import StepSpec
 
-__all__ = ["build_eval_step", "evaluate", "sample_completions"]
+__all__ = [
+    "build_eval_step",
+    "evaluate",
+    "eval_examples",
+    "eval_metrics",
+    "sample_completions",
+]
 
 
 def build_eval_step(spec: StepSpec) -> Callable:
@@ -71,7 +83,7 @@ def build_eval_step(spec: StepSpec) -> Callable:
             res["logps"], res["tokens"] = seq[:n], tokens[:n]
         else:
             res["chosen_logps"], res["rejected_logps"] = seq[:n], seq[n:]
-            res["chosen_tokens"] = tokens[:n]
+            res["chosen_tokens"], res["rejected_tokens"] = tokens[:n], tokens[n:]
         return res
 
     return jax.jit(step)
@@ -102,6 +114,21 @@ def evaluate(
         example; padding examples are excluded from every average).
       max_batches: stop after this many batches (None: the whole split).
     """
+    cat = eval_examples(state, eval_step, loader, max_batches=max_batches, to_device=to_device)
+    return eval_metrics(cat, task=task)
+
+
+def eval_examples(
+    state: TrainState,
+    eval_step: Callable,
+    loader,
+    *,
+    max_batches: int | None = None,
+    to_device: Callable = lambda b: jax.tree.map(jnp.asarray, b),
+) -> dict[str, np.ndarray]:
+    """`eval_step`'s outputs over the loader's epoch 0, each concatenated over the batches into
+    one flat NumPy array (padding examples included, `valid` 0 on them); arguments as
+    `evaluate`'s. Any jitted `(state, batch) -> {name: [E] or [R] array}` works as the step."""
     parts: list[dict] = []
     for k, batch in loader.epoch(0):
         if max_batches is not None and k >= max_batches:
@@ -109,7 +136,11 @@ def evaluate(
         parts.append(fetch(eval_step(state, to_device(batch))))
     if not parts:
         raise ValueError("the evaluation loader yields no batch (split smaller than one batch?)")
-    cat = {key: np.concatenate([np.asarray(p[key]).reshape(-1) for p in parts]) for key in parts[0]}
+    return {k: np.concatenate([np.asarray(p[k]).reshape(-1) for p in parts]) for k in parts[0]}
+
+
+def eval_metrics(cat: dict, *, task: str = "paired") -> dict:
+    """`evaluate`'s metrics from `eval_examples`' arrays (see the module docstring)."""
     w = cat["valid"].astype(np.float64)
     out = {"examples": int(w.sum())}
     if task == "sft":

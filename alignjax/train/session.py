@@ -24,6 +24,7 @@ from alignjax import models, peft
 from alignjax.train import builders as B
 from alignjax.train import checkpoint as C
 from alignjax.train import config as cfg_lib
+from alignjax.train import dynamics as DY
 from alignjax.train import evaluate as E
 from alignjax.train import reference as R
 from alignjax.train import step as S
@@ -100,7 +101,12 @@ def build_spec(cfg: cfg_lib.TrainConfig, *, adapted: bool) -> S.StepSpec:
         kwargs.setdefault("beta", 0.1 if cfg.loss.beta is None else cfg.loss.beta)
     elif cfg.task == "unlearn" and cfg.loss.beta is not None:  # else the loss's own default
         kwargs.setdefault("beta", cfg.loss.beta)
-    mask_options = {} if cfg.loss.mask_head == "all" else {"variant": cfg.loss.mask_head}
+    mask_options = dict(cfg.loss.mask_options)
+    if cfg.loss.mask_head != "all":
+        if "variant" in mask_options:
+            raise ValueError("loss.mask_head and loss.mask_options.variant both set the head "
+                             "variant: give one")  # fmt: skip
+        mask_options["variant"] = cfg.loss.mask_head
     method = B.PEFT_METHODS.get(cfg.peft.method) if cfg.peft.method else None
     regularizer = method.regularizer(cfg.peft) if method and method.regularizer else None
     try:
@@ -195,8 +201,11 @@ class Session:
     retain_data: Any = None  # task unlearn: the retain set (`train_data` is the forget set)
     mask: Any = None  # the importance mask (`mask:` config), a bool pytree like state.params
     adapted: list = dataclasses.field(default_factory=list)
-    initial_state: Any = None  # the state before training (`open_run`)
+    initial_state: Any = None  # the state before training (`open_run`, a resumed `train`)
+    probe_data: Any = None  # `data.probe`, the DPO-dynamics dispersion probe's rows
+    dynamics: Any = None  # paired runs with an eval split: a `dynamics.DynamicsRecorder`
     _eval_step: Any = None
+    _probe_step: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -278,19 +287,53 @@ class Session:
         return out
 
     def evaluate(self, state=None) -> dict:
-        """Metrics on the eval split (`evaluate.evaluate`); {} without one. Task unlearn: the
-        forget, retain (and eval) sets' NLL."""
+        """Metrics on the eval split (`evaluate.evaluate`); {} without one. Paired runs add the
+        DPO-dynamics diagnostics `dynamics/*` (`train.dynamics`; an evaluation of a step-0
+        state is their baseline). Task unlearn: the forget, retain (and eval) sets' NLL."""
         if self.cfg.task == "unlearn":
             return self._evaluate_unlearn(state)
-        loader = self.eval_loader()
-        if loader is None:
+        if self.eval_data is None:
             return {}
-        state, put = self.placement.eval_inputs(self.state if state is None else state)
+        state = self.state if state is None else state
+        examples, probe = self.eval_examples(state)
+        out = E.eval_metrics(examples, task=self.spec.task)
+        if self.dynamics is not None:
+            out.update(self._dynamics(state, DY.held_out_values(examples, probe)))
+        return out
+
+    def eval_examples(self, state=None) -> tuple[dict, dict | None]:
+        """The eval step's per-example arrays over the eval split (`evaluate.eval_examples`)
+        and the probe step's over `data.probe` (None without a probe)."""
+        placed, put = self.placement.eval_inputs(self.state if state is None else state)
         if self._eval_step is None:
             self._eval_step = E.build_eval_step(self.spec)
-        return E.evaluate(state, self._eval_step, loader, task=self.spec.task,
-                          max_batches=self.cfg.eval_batches,
-                          to_device=_attach(self.ref_caches[1], put))  # fmt: skip
+        n = self.cfg.eval_batches
+        examples = E.eval_examples(placed, self._eval_step, self.eval_loader(), max_batches=n,
+                                   to_device=_attach(self.ref_caches[1], put))  # fmt: skip
+        if self.probe_data is None:
+            return examples, None
+        if self._probe_step is None:
+            self._probe_step = DY.build_probe_step()
+        probe = E.eval_examples(placed, self._probe_step, self.eval_loader(self.probe_data),
+                                max_batches=n, to_device=put)  # fmt: skip
+        return examples, probe
+
+    def _dynamics(self, state, values: dict) -> dict:
+        """`dynamics/*` of held-out values against the step-0 baseline: kept from this
+        session's step-0 evaluation, else read from the run directory, else recomputed from
+        `initial_state` (saved only where no baseline file exists)."""
+        rec = self.dynamics
+        step = self.placement.host_position(state)[0]
+        if step and not rec.ready(values):
+            if self.initial_state is None:
+                log.warning("step %d: no step-0 baseline for the dynamics/* diagnostics (evaluate "
+                            "the initial state first); not logged", step)  # fmt: skip
+                return {}
+            log.info("dynamics/*: the step-0 baseline is recomputed from the initial state")
+            baseline = DY.held_out_values(*self.eval_examples(self.initial_state))
+            missing = not rec.path.is_file()
+            rec.record(0, baseline, save=self.is_main and missing)
+        return rec.record(step, values, save=self.is_main)
 
 
 def distributed_init(cfg: cfg_lib.TrainConfig) -> None:
@@ -321,6 +364,9 @@ def setup(cfg: cfg_lib.TrainConfig, *, with_train_data: bool = True) -> Session:
                       eval_data=eval_data, spec=spec, optimizer=optimizer, schedule=schedule,
                       state=None, placement=placement, step_fn=None, retain_data=retain_data,
                       adapted=adapted)  # fmt: skip
+    if cfg.task == "paired" and eval_data is not None:  # no held-out pairs: nothing to probe
+        session.probe_data = DY.load_probe(cfg, tokenizer)
+        session.dynamics = DY.DynamicsRecorder(out_dir / DY.BASELINE_FILE)
     if cfg.mask.score is not None or cfg.mask.path is not None:
         from alignjax.train.importance import mask_optimizer, run_mask
 

@@ -14,6 +14,7 @@ The run directory (`cfg.out_dir`, relative paths resolved against the working di
     checkpoints/<step>/    orbax checkpoints (adapter-only with checkpoint.adapters_only)
     eval.json              the final evaluation; samples.jsonl: completions of held-out prompts
     data_report.json       rows kept and every skipped row (index, field, problem) per split
+    dynamics_baseline.npz  paired runs: held-out log-probs at step 0 (`train.dynamics`)
     export/merged/         HF safetensors + config + tokenizer (adapters merged)
     export/adapter/        the adapters in HF PEFT format (PEFT runs)
     curves.png             training and evaluation curves
@@ -132,6 +133,8 @@ def write_data_report(session, path) -> None:
             reports[split] = {"held_out_of": "train", "rows": len(data)}  # data.eval=auto
         else:
             reports[split] = data.report.to_dict()
+    if session.probe_data is not None:
+        reports["probe"] = session.probe_data.report.to_dict()
     Path(path).write_text(json.dumps(reports, indent=1) + "\n")
 
 
@@ -139,6 +142,9 @@ def train(cfg: cfg_lib.TrainConfig, *, progress: bool = True, hooks: Sequence = 
     """Run (or resume) a training run; returns a summary (final eval metrics, paths)."""
     session = setup(cfg)
     out = session.out_dir
+    if cfg.data.probe is not None and session.eval_data is None:
+        raise ValueError("`data.probe` is evaluated with the held-out pairs, but the run has "
+                         "no eval split (data.eval=null, or auto on too few rows)")  # fmt: skip
     if session.is_main:
         out.mkdir(parents=True, exist_ok=True)
         import yaml
@@ -150,6 +156,8 @@ def train(cfg: cfg_lib.TrainConfig, *, progress: bool = True, hooks: Sequence = 
     with session.checkpointer() as ckpt:
         state = session.state
         if ckpt.latest_step() is not None:
+            if session.dynamics is not None:  # the dynamics/* baseline, if not on disk
+                session.initial_state = session.state
             state = session.restore(ckpt)
             log.info("resumed from step %d", ckpt.latest_step())
         done = session.placement.host_position(state)[0]

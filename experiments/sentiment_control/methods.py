@@ -13,15 +13,27 @@ beta means different things (loss docstrings in `alignjax/losses/`, ../shared/sp
 The grids span weak to strong regularisation on this problem. They were picked from a
 calibration at the default budget (100 steps): DPO 0.1 -> 3 gives KL ~17 -> ~2 nats (10 adds
 a point below 2 nats, so that DPO's frontier is measured, not interpolated, where the strongly
-regularised runs of the other methods land); IPO 1 -> 8 gives ~6 -> ~0.6; SPPO 0.003 -> 0.1
-gives ~4 -> ~0.7; TDPO2's sequential-KL term holds it under ~2 nats at any beta (0.01 and 0.1
-land within 0.3 nat of each other). TDPO runs as TDPO2 (alpha 0.5, the TDPO authors'
-recommendation). SparsePO: the paper's "all layers" mask head on the reference's hidden
-states, no L1 penalty (the official default), dropout off; "common" uses one mask for the
-reward and the KL terms, "indp" two independent heads. MaPO: the reference's activation mask
+regularised runs of the other methods land; 0.8 is the SparsePO paper's IMDB beta); IPO 1 -> 8
+gives ~6 -> ~0.6; SPPO 0.003 -> 0.1 gives ~4 -> ~0.7; TDPO2 (alpha 0.5, the TDPO authors'
+recommendation) holds itself under ~2 nats at any beta. MaPO: the reference's activation mask
 (MLP, attention, residual groups). The LoRA row (rank 16 on every projection, the reference =
-the adapters disabled) shares DPO's betas 0.1 - 1, so both comparisons are there: at equal
-beta and at equal KL.
+the adapters disabled) shares DPO's betas 0.1 - 1.
+
+SparsePO as the official trainer trains it (huawei-noah/HEBO `SparsePO/`, specs/losses.md 5.2):
+the paper's "all layers" head on the reference's layer outputs, no L1 (the official default),
+dropout 0 (forced officially too), the EOS a completion token; the heads in their own parameter
+group with weight decay 0.01 (matrices only, as HF's decay-parameter rule); initialised as the
+official run is (transformers' N(0, 0.02), zero biases) but with the mixer scaled so that the
+expected initial mask is the official magnitude ~0.03 ("scaled", `losses.sparse_mask`), since a
+literal N(0, 0.02) at width 64 gives ~0.001. Officially the heads train at the policy's rate
+(1e-6 for IMDB), where in ~2400 AdamW steps of <= lr each they drift ~2e-3 against weights of
+std 0.02 (~10%); here the policy's rate is 1e-3 for 100 steps, so the head rate is swept:
+0 (frozen at init), 1e-5 (~5% drift of the projections: the closest to the official regime,
+used for the other SparsePO variants), 1e-4, and 1e-3 (= the policy's, the earlier study's
+setting, also run with its PyTorch-uniform init). Controls: TDPO1 (SparsePO with m = 1 is TDPO1
+exactly; that row is run too and must equal it), a fixed random mask (U(0, 1) per token), the
+official input layout (the last state after the final norm), and L1 = 1e-3 on both terms with
+the official halving for the common mask.
 """
 
 from __future__ import annotations
@@ -36,6 +48,8 @@ from alignjax.train import trainer
 __all__ = [
     "Method",
     "METHODS",
+    "BY_NAME",
+    "DEFAULT_METHODS",
     "QUICK_METHODS",
     "middle_beta",
     "sft_config",
@@ -55,25 +69,79 @@ class Method:
     independent_masks: bool = False
     lora: bool = False
     masks: bool = False  # token masks to analyse (SparsePO / MaPO)
+    # SparsePO: the mask heads' own parameter group (AdamW, weight decay 0.01 as the official
+    # `mask_weight_decay`): their learning rate, None = the policy's; and the mask provider's
+    # options (`losses.SparsePOMasks`: init, kind, last_state)
+    head_lr: float | None = None
+    mask_options: tuple[tuple[str, object], ...] = ()
+    loss_kwargs: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def learned_heads(self) -> bool:
+        return self.loss == "sparsepo" and dict(self.mask_options).get("kind", "learned") == (
+            "learned"
+        )
+
+
+SCALED = (("init", "scaled"),)  # the official initial mask magnitude (~0.03), sparse_mask.py
+FAITHFUL_HEAD_LR = 1e-5  # see the module docstring: the official heads' relative drift
+SPARSE_BETAS = (0.1, 0.8, 3.0)  # 0.8: the paper's IMDB beta
+
+
+def _sparse(name, label, betas=SPARSE_BETAS, **kw) -> Method:
+    kw.setdefault("mask_options", SCALED)
+    return Method(name, label, "sparsepo", betas, masks=kw.pop("masks", True), **kw)
 
 
 METHODS = (
-    Method("dpo", "DPO", "sigmoid", (0.1, 0.3, 1.0, 3.0, 10.0)),
+    Method("dpo", "DPO", "sigmoid", (0.1, 0.3, 0.8, 3.0, 10.0)),
     Method("ipo", "IPO", "ipo", (1.0, 2.0, 8.0)),
     Method("sppo", "SPPO", "sppo", (0.003, 0.01, 0.1)),
+    Method("tdpo1", "TDPO1", "tdpo1", SPARSE_BETAS),
     Method("tdpo2", "TDPO2", "tdpo2", (0.01, 0.1, 1.0)),
-    Method("sparsepo", "SparsePO (common mask)", "sparsepo", (0.1, 1.0, 3.0), masks=True),
-    Method(
+    _sparse("sparsepo_lr0", "SparsePO, head frozen at init (lr 0)", head_lr=0.0),
+    _sparse("sparsepo", "SparsePO, head lr 1e-5", head_lr=FAITHFUL_HEAD_LR),
+    _sparse("sparsepo_lr1e-4", "SparsePO, head lr 1e-4", head_lr=1e-4),
+    _sparse("sparsepo_lrpolicy", "SparsePO, head lr 1e-3 (= policy)", head_lr=None),
+    _sparse(
+        "sparsepo_torchinit", "SparsePO, torch init, head lr 1e-3", head_lr=None, mask_options=()
+    ),
+    _sparse(
         "sparsepo_indp",
-        "SparsePO (indep. masks)",
-        "sparsepo",
-        (0.1, 1.0, 3.0),
+        "SparsePO indep. masks, head lr 1e-5",
+        head_lr=FAITHFUL_HEAD_LR,
         independent_masks=True,
-        masks=True,
+    ),
+    _sparse(
+        "sparsepo_postnorm",
+        "SparsePO, post-norm input, head lr 1e-5",
+        head_lr=FAITHFUL_HEAD_LR,
+        mask_options=SCALED + (("last_state", "postnorm"),),
+    ),
+    _sparse(
+        "sparsepo_l1",
+        "SparsePO, L1 1e-3 (halved), head lr 1e-5",
+        (0.8,),
+        head_lr=FAITHFUL_HEAD_LR,
+        loss_kwargs=(("l1_reward", 1e-3), ("l1_kl", 1e-3)),
+    ),
+    _sparse(
+        "sparsepo_random",
+        "SparsePO, fixed random mask",
+        masks=False,
+        mask_options=(("kind", "random"),),
+    ),
+    _sparse(
+        "sparsepo_ones",
+        "SparsePO, m = 1 (= TDPO1)",
+        (0.8,),
+        masks=False,
+        mask_options=(("kind", "ones"),),
     ),
     Method("mapo", "MaPO", "mapo", (0.1, 0.3, 1.0), masks=True),
     Method("dpo_lora", "DPO + LoRA", "sigmoid", (0.1, 0.3, 1.0), lora=True),
 )
+BY_NAME = {m.name: m for m in METHODS}
 
 
 # --quick: one beta each (the middle one), the four methods the test checks.
@@ -82,9 +150,26 @@ def middle_beta(method: Method) -> Method:
     return dataclasses.replace(method, betas=(method.betas[len(method.betas) // 2],))
 
 
-QUICK_METHODS = tuple(
-    middle_beta(m) for m in METHODS if m.name in ("dpo", "sppo", "sparsepo", "mapo")
+def _only(name: str, *betas: float) -> Method:
+    return dataclasses.replace(BY_NAME[name], betas=betas)
+
+
+# The default run (<= 10 min on 2 cores, one training seed): DPO's whole frontier, the SparsePO
+# controls around the faithful configuration at every SparsePO beta, the rest of the head-rate
+# sweep and the other variants at the paper's beta 0.8, the other methods at one beta each.
+DEFAULT_METHODS = (
+    BY_NAME["dpo"],
+    BY_NAME["tdpo1"],
+    BY_NAME["sparsepo_lr0"],
+    BY_NAME["sparsepo"],
+    BY_NAME["sparsepo_lrpolicy"],
+    _only("sparsepo_lr1e-4", 0.8),
+    _only("sparsepo_random", 0.8),
+    _only("sparsepo_postnorm", 0.8),
+    _only("sparsepo_indp", 0.8),
+    *(middle_beta(BY_NAME[n]) for n in ("ipo", "sppo", "tdpo2", "mapo", "dpo_lora")),
 )
+QUICK_METHODS = tuple(middle_beta(BY_NAME[n]) for n in ("dpo", "sppo", "sparsepo", "mapo"))
 
 
 def sft_config(out_dir: Path, *, steps: int, seed: int) -> C.TrainConfig:
@@ -122,12 +207,21 @@ def preference_config(
     seed: int,
     eval_pairs: Path | None = None,
     eval_every: int = 0,
+    probe: Path | None = None,
+    head_seed: int | None = None,
 ) -> C.TrainConfig:
     """One preference run; `eval_pairs` turns on held-out metrics every `eval_every` steps
-    (the log-likelihood trajectories)."""
+    (the log-likelihood trajectories and the DPO-dynamics diagnostics, with the dispersion
+    probe `probe`); `head_seed` re-draws SparsePO's heads (None: the run's seed + 2)."""
     peft = C.PeftConfig()
     if method.lora:
         peft = C.PeftConfig(method="lora", r=16, alpha=32.0, targets=LORA_TARGETS)
+    groups = ()
+    if method.learned_heads:
+        groups = (C.ParamGroup(label="heads", learning_rate=method.head_lr, weight_decay=0.01),)
+    mask_options = dict(method.mask_options)
+    if head_seed is not None:
+        mask_options["head_seed"] = head_seed
     return C.TrainConfig(
         task="paired",
         steps=steps,
@@ -138,17 +232,26 @@ def preference_config(
         eval_samples=0,
         plot=False,
         init_from=str(sft_dir),
-        loss=C.LossConfig(name=method.loss, beta=beta, independent_masks=method.independent_masks),
+        loss=C.LossConfig(
+            name=method.loss,
+            beta=beta,
+            independent_masks=method.independent_masks,
+            mask_options=mask_options,
+            kwargs=dict(method.loss_kwargs),
+        ),
         data=C.DataConfig(
             train=str(pairs),
             eval=None if eval_pairs is None else str(eval_pairs),
+            probe=None if eval_pairs is None or probe is None else str(probe),
             max_length=64,
             batch_size=batch_size,
             eval_batch_size=64,
             buckets=(64,),
             seed=seed,
         ),
-        optim=C.OptimConfig(learning_rate=learning_rate, warmup_steps=min(10, steps // 4)),
+        optim=C.OptimConfig(
+            learning_rate=learning_rate, warmup_steps=min(10, steps // 4), groups=groups
+        ),
         peft=peft,
         reference=C.ReferenceConfig(mode="adapters_disabled" if method.lora else "frozen"),
         checkpoint=C.CheckpointConfig(every=steps, keep=1, asynchronous=False, export_hf=False),

@@ -10,13 +10,17 @@ exactly 0. The sampler's own log-probs (`Generation.logps`) are kept to check th
 per-prompt averages (the M samples of one prompt are not independent draws of the population).
 The gold reward counts lexicon words, so it grows with the number of sentiment sentences a
 completion has; `positive_share` (positive / all lexicon words over the samples) is the
-length-free view of the same preference.
+length-free view of the same preference, and `bounded_reward` (`bounded_score`: the sigmoid of
+the lexicon balance, in (0, 1), per completion, with its standard error) a bounded gold score
+that, like the paper's sentiment classifier, stops paying for more sentiment words once a
+completion is clearly positive.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from pathlib import Path
 
@@ -36,6 +40,7 @@ __all__ = [
     "sample",
     "sequence_logps",
     "evaluate_policy",
+    "bounded_score",
     "mean_se",
 ]
 
@@ -148,6 +153,11 @@ def lexicon_counts(text: str) -> tuple[int, int]:
     return sum(w in _POSITIVE for w in words), sum(w in _NEGATIVE for w in words)
 
 
+def bounded_score(text: str) -> float:
+    """sigmoid(# positive - # negative lexicon words): the bounded gold score."""
+    return 1.0 / (1.0 + math.exp(-synthetic.sentiment_score(text)))
+
+
 def mean_se(values: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
     """Mean of `values` and the standard error of the mean of the per-group means."""
     values = np.asarray(values, np.float64)
@@ -178,13 +188,17 @@ def evaluate_policy(
         ref = sequence_logps(reference, prompt_ids, prompt_mask, s, chunk)
     kl = (own - ref).sum(axis=1)
     rewards = np.array([synthetic.sentiment_score(t) for t in s.texts], np.float64)
+    bounded = np.array([bounded_score(t) for t in s.texts], np.float64)
     pos, neg = np.sum([lexicon_counts(t) for t in s.texts], axis=0)
     inside = np.arange(s.tokens.shape[1])[None, :] < s.lengths[:, None]
     r_mean, r_se = mean_se(rewards, s.prompt_index)
     kl_mean, kl_se = mean_se(kl, s.prompt_index)
+    b_mean, b_se = mean_se(bounded, s.prompt_index)
     result = dict(
         reward=r_mean,
         reward_se=r_se,
+        bounded_reward=b_mean,
+        bounded_reward_se=b_se,
         kl=kl_mean,
         kl_se=kl_se,
         samples=int(len(rewards)),

@@ -78,10 +78,14 @@ class Study:
     learning_rate: float = 1e-3
     trajectory_every: int = 10
     mask_examples: int = 4  # completions per method in masks.png
-    methods: tuple[ME.Method, ...] = ME.METHODS
+    methods: tuple[ME.Method, ...] = ME.DEFAULT_METHODS
+    # training seeds of every preference run (data order, SparsePO's heads: seed + 2); the SFT
+    # reference, the prompts and the pairs come from `seed`
+    train_seeds: tuple[int, ...] = (0,)
+    redraw_dead: bool = False  # re-train a SparsePO run whose head is dead at init (labelled)
 
-    def runs(self) -> list[tuple[ME.Method, float]]:
-        return [(m, b) for m in self.methods for b in m.betas]
+    def runs(self) -> list[tuple[ME.Method, float, int]]:
+        return [(m, b, t) for t in self.train_seeds for m in self.methods for b in m.betas]
 
 
 QUICK = Study(
@@ -95,7 +99,10 @@ QUICK = Study(
     trajectory_every=5,
     methods=ME.QUICK_METHODS,
 )
-TRAJECTORIES = ("dpo", "sppo")  # their middle beta logs held-out metrics
+FULL = Study(methods=ME.METHODS, train_seeds=(0, 1, 2))
+# Their middle beta (first training seed) logs held-out metrics every `trajectory_every` steps:
+# log-likelihood trajectories and the DPO-dynamics diagnostics with the dispersion probe.
+TRAJECTORIES = ("dpo", "sppo", "tdpo1", "sparsepo")
 
 
 def _pairs(prompts, s: P.Samples, per_prompt: int, **kw) -> tuple[list[dict], dict]:
@@ -137,23 +144,44 @@ def build_data(study: Study, sft_dir: Path, data_dir: Path) -> dict:
     heldout_ids = SD.encode_prompts(tok, heldout, study.prompt_length)
     eval_key = jax.random.fold_in(key, 1)
     reference, hs = P.evaluate_policy(ref, ref, *heldout_ids, tok, eval_key, per_prompt=m, **gen)
-    hrows, hstats = _pairs(heldout, hs, m, tau=study.tau, seed=study.seed + 1,
-                           pairs_per_prompt=study.heldout_pairs_per_prompt)  # fmt: skip
+    hrows, hstats = _pairs(
+        heldout,
+        hs,
+        m,
+        tau=study.tau,
+        seed=study.seed + 1,
+        pairs_per_prompt=study.heldout_pairs_per_prompt,
+    )
     SD.write_jsonl(data_dir / "heldout_pairs.jsonl", hrows)
+    # The dispersion probe: one more reference sample per held-out prompt, in neither set of
+    # pairs (its own key), whose log-prob and entropy the trajectory runs log.
+    ps = P.sample(ref, *heldout_ids, tok, jax.random.fold_in(key, 2), per_prompt=1, **gen)
+    probe = [
+        dict(prompt=heldout[ps.prompt_index[i]], completion=ps.texts[i])
+        for i in range(len(ps.texts))
+    ]
+    SD.write_jsonl(data_dir / "probe.jsonl", probe)
     examples = [dict(prompt=heldout[hs.prompt_index[i]], completion=hs.texts[i]) for i in range(3)]
-    return dict(train=stats, heldout=hstats, reference=reference, examples=examples,
-                tokenizer=tok, model=ref, heldout_ids=heldout_ids, eval_key=eval_key)  # fmt: skip
+    return dict(
+        train=stats,
+        heldout=hstats,
+        reference=reference,
+        examples=examples,
+        tokenizer=tok,
+        model=ref,
+        heldout_ids=heldout_ids,
+        eval_key=eval_key,
+    )
 
 
-def _mask_rows(method, beta, session, batches, tok, examples_wanted):
-    """Mask statistics of a run: the trained masks, and for the first beta of a SparsePO
-    variant its heads at initialisation (the control; the same for every beta). MaPO's mask
-    is a function of the reference alone, so only one of its runs is analysed."""
-    first = beta == method.betas[0]
+def _mask_rows(method, beta, seed, session, batches, tok, examples_wanted, init: bool):
+    """Mask statistics of a run: the trained masks, and (`init`) its heads at initialisation,
+    the control (the same for every beta of one seed). MaPO's mask is a function of the
+    reference alone, so only one of its runs is analysed."""
     if method.loss == "mapo":
-        states = [("reference activations", session.state)] if first else []
+        states = [("reference activations", session.state)] if init else []
     else:
-        states = [("trained", session.state)] + ([("init", session.initial_state)] if first else [])
+        states = [("trained", session.state)] + ([("init", session.initial_state)] if init else [])
     rows, examples = [], []
     for name, state in states:
         stats, ex = MK.mask_stats(
@@ -166,12 +194,24 @@ def _mask_rows(method, beta, session, batches, tok, examples_wanted):
                     method=method.name,
                     label=method.label,
                     beta=beta,
+                    seed=seed,
                     mask=mask_name.removesuffix("_mask"),
                     state=name,
                     stats=s,
                 )
             )
     return rows, examples
+
+
+def _dead_at_init(mask_rows, method, seed) -> bool | None:
+    """A learned head is dead when its initial mask is exactly 0 on every held-out completion
+    token (`losses.sparse_mask.dead_heads`' criterion, on the held-out pairs)."""
+    init = [
+        r
+        for r in mask_rows
+        if r["method"] == method.name and r["seed"] == seed and r["state"] == "init"
+    ]
+    return any(r["stats"]["zero_fraction"] == 1.0 for r in init) if init else None
 
 
 def run_all(study: Study, out: Path, *, progress: bool = True) -> dict:
@@ -200,96 +240,150 @@ def run_all(study: Study, out: Path, *, progress: bool = True) -> dict:
         flush=True,
     )
 
-    print(f"[3-5/6] {len(study.runs())} preference runs: train, evaluate, masks", flush=True)
+    n_runs = len(study.runs())
+    print(
+        f"[3-5/6] {n_runs} preference runs ({len(study.train_seeds)} training seed(s)): "
+        "train, evaluate, masks",
+        flush=True,
+    )
     sample_kw = dict(
         per_prompt=study.eval_samples,
         max_new_tokens=study.max_new_tokens,
         chunk=study.sample_chunk,
     )
-    runs, mask_rows, mask_panels, curves = [], [], [], {}
+    runs, mask_rows, mask_panels, curves, mask_curves = [], [], [], {}, {}
+    head_seeds, dead_heads = {}, {}  # (method, seed) -> re-drawn head seed / dead at init
     batches = None
+    first_seed = study.train_seeds[0]
     bar = tqdm(study.runs(), desc="runs", unit="run", disable=not progress, position=0)
-    for method, beta in bar:
-        name = f"{method.name}_beta{beta:g}"
+    for method, beta, seed in bar:
+        name = f"{method.name}_beta{beta:g}_seed{seed}"
         middle = method.betas[len(method.betas) // 2]
-        traj = method.name in TRAJECTORIES and beta == middle
-        cfg = ME.preference_config(
-            method,
-            beta,
-            work / name,
+        traj = method.name in TRAJECTORIES and beta == middle and seed == first_seed
+        kw = dict(
             sft_dir=sft_dir,
             pairs=work / "data" / "train_pairs.jsonl",
             steps=study.steps,
             batch_size=study.batch_size,
             learning_rate=study.learning_rate,
-            seed=study.seed,
+            seed=seed,
             eval_pairs=work / "data" / "heldout_pairs.jsonl" if traj else None,
             eval_every=study.trajectory_every,
+            probe=work / "data" / "probe.jsonl",
         )
+        key = (method.name, seed)
+        cfg = ME.preference_config(method, beta, work / name, head_seed=head_seeds.get(key), **kw)
         train_s = ME.train_run(cfg)
         t0 = time.perf_counter()
         session, policy = P.load_run(work / name, ref)
-        result, s = P.evaluate_policy(policy, ref, hids, hmask, tok, eval_key, **sample_kw)
-        run = dict(method=method.name, label=method.label, loss=method.loss, beta=beta,
-                   trained="LoRA r16" if method.lora else "full", train_seconds=train_s,
-                   **result, examples=s.texts[:3])  # fmt: skip
-        if traj:
-            curves[method.label] = work / name / "metrics.jsonl"
-        if method.masks:
+        first = beta == method.betas[0]
+        dead = None
+        if method.masks or method.learned_heads:
             if batches is None:
                 batches = MK.load_pairs(
                     work / "data" / "heldout_pairs.jsonl", session, length=study.max_length
                 )
-            rows, examples = _mask_rows(method, beta, session, batches, tok, study.mask_examples)
+            rows, examples = _mask_rows(
+                method, beta, seed, session, batches, tok, study.mask_examples, init=first
+            )
+            if method.learned_heads and first:
+                dead = _dead_at_init(rows, method, seed)
+                head_seed = seed + 2  # `trainer`'s default head seed
+                while dead and study.redraw_dead:  # the labelled option: re-draw, re-train
+                    head_seed += 1000
+                    head_seeds[key] = head_seed
+                    del session, policy
+                    shutil.rmtree(work / name)
+                    cfg = ME.preference_config(method, beta, work / name, head_seed=head_seed, **kw)
+                    train_s += ME.train_run(cfg)
+                    session, policy = P.load_run(work / name, ref)
+                    rows, examples = _mask_rows(
+                        method, beta, seed, session, batches, tok, study.mask_examples, init=True
+                    )
+                    dead = _dead_at_init(rows, method, seed)
+                dead_heads[key] = dead
+            elif method.learned_heads:
+                dead = dead_heads.get(key)
             mask_rows += rows
             panel = beta == method.betas[0] if method.loss == "mapo" else beta == middle
-            if panel:
+            if panel and seed == first_seed:
                 what = "any beta" if method.loss == "mapo" else f"beta {beta:g}, trained"
                 for mask in ("reward", "kl") if method.independent_masks else ("reward",):
                     title = f"{method.label} ({what}): {mask} mask"
                     mask_panels.append((title, examples, f"{mask}_mask"))
+        redrawn = head_seeds.get(key)
+        result, s = P.evaluate_policy(policy, ref, hids, hmask, tok, eval_key, **sample_kw)
+        run = dict(
+            method=method.name,
+            label=method.label,
+            loss=method.loss,
+            beta=beta,
+            seed=seed,
+            trained="LoRA r16" if method.lora else "full",
+            train_seconds=train_s,
+            dead_head=dead,
+            redrawn_head_seed=redrawn,
+            **result,
+            examples=s.texts[:3],
+        )
+        if traj:
+            curves[method.label] = work / name / "metrics.jsonl"
+        if method.learned_heads and beta == 0.8 and seed == first_seed:
+            mask_curves[method.label] = work / name / "metrics.jsonl"
         run["eval_seconds"] = time.perf_counter() - t0
         runs.append(run)
+        flag = " (head dead at init)" if dead else f" (head re-drawn: {redrawn})" if redrawn else ""
         bar.write(
-            f"  {method.label:24s} beta {beta:<6g} reward {run['reward']:+.2f} ± "
+            f"  {method.label:40s} beta {beta:<6g} seed {seed} reward {run['reward']:+.2f} ± "
             f"{run['reward_se']:.2f}  KL {run['kl']:6.2f} ± {run['kl_se']:.2f}  "
-            f"({train_s:.0f} s + {run['eval_seconds']:.0f} s)"
+            f"({train_s:.0f} s + {run['eval_seconds']:.0f} s){flag}"
         )
         del session, policy
     bar.close()
     seconds["preference_runs"] = sum(r["train_seconds"] + r["eval_seconds"] for r in runs)
 
     print("[6/6] tables and figures", flush=True)
-    R.dpo_frontier_gap(runs, reference)
+    configs = R.aggregate(runs, reference)
+    main = [m for m in study.methods if not m.name.startswith("sparsepo_") or m.name == "sparsepo"]
+    sparse = [m for m in study.methods if m.name in ("dpo", "tdpo1") or m.loss == "sparsepo"]
     figures = dict(
-        frontier=R.plot_frontier(runs, reference, study.methods, out / "frontier.png"),
+        frontier=R.plot_frontier(configs, reference, main, out / "frontier.png"),
+        frontier_sparsepo=R.plot_frontier(
+            configs, reference, sparse, out / "frontier_sparsepo.png"
+        ),
         masks=MK.plot_masks(mask_panels, out / "masks.png"),
         trajectories=R.plot_trajectories(curves, out / "trajectories.png"),
+        dynamics=R.plot_dynamics(curves, out / "dynamics.png"),
+        mask_training=R.plot_mask_training(mask_curves, out / "mask_training.png"),
     )
-    table = R.runs_table(runs, reference)
+    table = R.runs_table(configs, reference, seeds=len(study.train_seeds))
     mtable = R.masks_table(mask_rows)
-    verdict = R.verdict(runs, mask_rows, study.methods)
+    dtable = R.dynamics_table(curves)
+    verdict = R.verdict(configs, mask_rows, study.methods)
     seconds["total"] = time.perf_counter() - t_start
-    (out / "table.md").write_text(f"{table}\n\n{mtable}\n")
+    (out / "table.md").write_text(f"{table}\n\n{mtable}\n\n{dtable}\n")
     summary = dict(
         config=_config_dict(study),
         data=dict(train=d["train"], heldout=d["heldout"], reference_examples=d["examples"]),
         reference=reference,
         runs=runs,
+        configs=configs,
         masks=mask_rows,
-        frontier=R.frontier_means(runs),
+        dynamics=R.dynamics_rows(curves),
+        frontier=R.frontier_means(configs),
         verdict=verdict,
         figures={k: v.name for k, v in figures.items()},  # relative to the results folder
         seconds=seconds,
         versions=dict(jax=jax.__version__),
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-    return summary | dict(table=table, masks_table=mtable)
+    return summary | dict(table=table, masks_table=mtable, dynamics_table=dtable)
 
 
 def _config_dict(study: Study) -> dict:
     cfg = dataclasses.asdict(study)
     cfg["methods"] = [dataclasses.asdict(m) for m in study.methods]
+    cfg["train_seeds"] = list(study.train_seeds)
     return cfg
 
 
@@ -308,6 +402,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--out", type=Path, default=OUT, help=f"results folder (default {OUT})")
     ap.add_argument("--quick", action="store_true", help="a small configuration (~1 min)")
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="every method at every beta, 3 training seeds (see the README for the time)",
+    )
+    ap.add_argument(
+        "--redraw-dead",
+        action="store_true",
+        help="re-train SparsePO runs whose mask head is dead at init with another "
+        "head seed (labelled in the outputs)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
     ap.add_argument(
         "--methods",
@@ -316,7 +421,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    study = dataclasses.replace(QUICK if args.quick else Study(), seed=args.seed)
+    if args.quick and args.full:
+        ap.error("--quick and --full exclude each other")
+    base = QUICK if args.quick else FULL if args.full else Study()
+    study = dataclasses.replace(base, seed=args.seed, redraw_dead=args.redraw_dead)
     if args.methods:
         names = args.methods.split(",")
         known = {m.name: ME.middle_beta(m) if args.quick else m for m in ME.METHODS}
@@ -329,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     datasets.disable_progress_bars()
     summary = run_all(study, args.out, progress=not args.no_progress)
-    print(f"\n{summary['table']}\n\n{summary['masks_table']}\n")
+    print(f"\n{summary['table']}\n\n{summary['masks_table']}\n\n{summary['dynamics_table']}\n")
     print("\n".join(summary["verdict"]))
     print(
         f"\nlabel noise of the train pairs: {summary['data']['train']['label_noise_rate']:.3f} "

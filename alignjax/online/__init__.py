@@ -15,7 +15,7 @@ package attribute `online.rollout` is the function) and `scorers` (`score`, `sen
 decoding, `bradley_terry_win_rates`, pair selection).
 """
 
-from alignjax.online import scorers
+from alignjax.online import rewards, scorers
 from alignjax.online.cream import (
     Consistency,
     PairSelection,
@@ -25,6 +25,7 @@ from alignjax.online.cream import (
     pair_consistency,
     preference_pairs,
 )
+from alignjax.online.rewards import REWARDS, get_reward, register_reward
 from alignjax.online.rollout import (
     LAYOUTS,
     Rollout,
@@ -66,8 +67,12 @@ __all__ = [
     "rollout",
     "row_indices",
     "teacher_forced_logps",
-    # scorers
+    # scorers and the reward functions by name (configs' `online.rewards`)
     "scorers",
+    "rewards",
+    "REWARDS",
+    "get_reward",
+    "register_reward",
     "PairIndex",
     "Scores",
     "bradley_terry_win_rates",
@@ -95,4 +100,43 @@ __all__ = [
     "kendall_tau",
     "pair_consistency",
     "preference_pairs",
+]
+
+# Iterative methods (iterative DPO, SPPO's self-play loop, CREAM): a driver over phases.
+# `alignjax.online.cream_loss` (the registered "cream" loss) is imported by CREAM runs only.
+from alignjax.online import iteration_data, iterative, phases  # noqa: E402
+from alignjax.online.iteration_data import (  # noqa: E402
+    Samples,
+    best_worst_pairs,
+    cream_pairs,
+    cream_rewards,
+    sppo_pairs,
+)
+from alignjax.online.iterative import (  # noqa: E402
+    IterativeConfig,
+    iteration_config,
+    policy_source,
+    prompt_splits,
+    run_iterative,
+)
+from alignjax.online.phases import Phases, Sampling, data_step, default_phases  # noqa: E402
+
+__all__ += [
+    "iteration_data",
+    "iterative",
+    "phases",
+    "IterativeConfig",
+    "iteration_config",
+    "policy_source",
+    "prompt_splits",
+    "run_iterative",
+    "Phases",
+    "Samples",
+    "Sampling",
+    "data_step",
+    "default_phases",
+    "best_worst_pairs",
+    "cream_pairs",
+    "cream_rewards",
+    "sppo_pairs",
 ]

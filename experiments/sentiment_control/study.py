@@ -57,6 +57,7 @@ from experiments.sentiment_control import policy as P  # noqa: E402
 from experiments.sentiment_control import report as R  # noqa: E402
 
 OUT = REPO / "experiments" / "results" / "sentiment_control"
+OUT_FULL = REPO / "experiments" / "results" / "sentiment_control_full"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,7 +401,12 @@ def main(argv: list[str] | None = None) -> dict:
         description="SparsePO controlled-sentiment study: reward vs KL of preference methods "
         "on the synthetic review language, and where token masks put their weight."
     )
-    ap.add_argument("--out", type=Path, default=OUT, help=f"results folder (default {OUT})")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results folder (default {OUT}; with --full: {OUT_FULL})",
+    )
     ap.add_argument("--quick", action="store_true", help="a small configuration (~1 min)")
     ap.add_argument(
         "--full",
@@ -432,6 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
         if unknown:
             ap.error(f"unknown methods {unknown}; choose from {sorted(known)}")
         study = dataclasses.replace(study, methods=tuple(known[n] for n in names))
+    if args.out is None:
+        args.out = OUT_FULL if args.full else OUT
     args.out.mkdir(parents=True, exist_ok=True)
     import datasets
 

@@ -193,3 +193,26 @@ def test_seed_aggregation():
 
 
 pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or notebooks
+
+
+def test_redraw_dead_retrains_with_another_head_seed(tmp_path, monkeypatch):
+    """`--redraw-dead`: a SparsePO run whose head is dead at init is re-trained with head seed
+    + 1000 (labelled in the run and the config it trained with). The dead check is forced on the
+    first draw, since no head of the quick configuration's seeds is dead."""
+    calls = []
+    real = study._dead_at_init
+
+    def first_dead(rows, method, seed):
+        calls.append(seed)
+        return True if len(calls) == 1 else real(rows, method, seed)
+
+    monkeypatch.setattr(study, "_dead_at_init", first_dead)
+    summary = study.main(["--quick", "--out", str(tmp_path), "--no-progress", "--redraw-dead",
+                          "--methods", "sparsepo"])  # fmt: skip
+    (run,) = summary["runs"]
+    assert len(calls) == 2 and run["redrawn_head_seed"] == 0 + 2 + 1000
+    assert run["dead_head"] is False
+    cfg = (tmp_path / "runs" / "sparsepo_beta0.8_seed0" / "config.yaml").read_text()
+    assert "head_seed: 1002" in cfg
+    table = (tmp_path / "table.md").read_text()
+    assert "0/1 (1 re-drawn)" in table

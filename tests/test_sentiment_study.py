@@ -179,8 +179,10 @@ def test_seed_aggregation():
     ref = dict(reward=0.0, bounded_reward=0.5)
     base = dict(label="x", loss="sigmoid", trained="full", positive_share=0.5, mean_length=10.0,
                 train_seconds=1.0, reward_se=0.1, kl_se=0.1, bounded_reward_se=0.01)  # fmt: skip
-    runs = [dict(base, method="dpo", beta=1.0, seed=s, reward=r, kl=k, bounded_reward=b)
-            for s, (r, k, b) in enumerate([(2.0, 4.0, 0.8), (2.2, 4.4, 0.82), (1.8, 3.6, 0.78)])]
+    runs = [
+        dict(base, method="dpo", beta=1.0, seed=s, reward=r, kl=k, bounded_reward=b)
+        for s, (r, k, b) in enumerate([(2.0, 4.0, 0.8), (2.2, 4.4, 0.82), (1.8, 3.6, 0.78)])
+    ]
     runs += [dict(base, method="m", beta=1.0, seed=s, reward=r, kl=2.0, bounded_reward=0.6)
              for s, r in enumerate([1.0, 1.2, 1.4])]  # fmt: skip
     dpo, m = R.aggregate(runs, ref)

@@ -6,7 +6,8 @@ newly registered loss is covered automatically:
 * one compilation per input shape under jit;
 * finite values and gradients at +-1e4 log-ratios, with a zero-length completion in the batch,
   for beta from 1e-4 to 50;
-* a ValueError for beta <= 0 (and label_smoothing outside [0, 0.5) where it applies);
+* a ValueError for beta <= 0 (< 0 for GRPO's and REINFORCE's KL weight; and label_smoothing
+  outside [0, 0.5) where it applies);
 * under pmap over 8 devices with `axis_name` (where the loss takes it), per-example losses and
   the (sum, count) terms summed over devices equal the single-device result on the full batch.
 """
@@ -24,6 +25,8 @@ from alignjax import losses as L
 
 UNPAIRED = {"kto", "apo_zero_unpaired", "bco"}
 UNLEARN = {n for n in L.available() if "unlearn" in L.needs_of(n).tasks}
+ONLINE = {n for n in L.available() if "online" in L.needs_of(n).tasks}
+ON_POLICY_ONLY = {"online_dpo", "reinforce_kl"}  # they read no sampler log-probs
 NAMES = L.available()
 N, T = 8, 5  # N pairs (one per device under pmap), T tokens
 
@@ -58,6 +61,12 @@ def inputs(rng, scale=1.0, dtype=jnp.float64):
         kl_pol=-rng.gamma(2.0, 1.0, (2 * N, T)),
     )
     a["kl_ref"] = a["kl_pol"] - rng.uniform(0.0, 0.4, (2 * N, T))
+    # online losses: 2N sampled completions ([first; second] halves for online DPO), a stale
+    # sampler close enough for the clipped ratios to stay off their kinks
+    a["old"] = pol + rng.normal(0.0, 0.02, (2 * N, T))
+    a["adv"] = rng.normal(0.0, 1.0, 2 * N)
+    a["rewards"] = rng.normal(0.0, 1.0, 2 * N)
+    a["eos"] = rng.random(2 * N) > 0.3
     return {k: jnp.asarray(v, dtype if v.dtype.kind == "f" else None) for k, v in a.items()}
 
 
@@ -65,6 +74,10 @@ def build(name, a, pol):
     """The batch `name` consumes, with `pol` ([2N, T]) as the policy log-probs."""
     if name in UNPAIRED:
         return L.UnpairedBatch(pol, a["m"], a["labels"], a["ref"], a["kl_pol"], a["kl_ref"], a["m"])
+    if name in ONLINE:
+        old = None if name in ON_POLICY_ONLY else a["old"]
+        return L.ScoredRolloutBatch(pol, a["m"], a["adv"], old, a["ref"], rewards=a["rewards"],
+                                    contains_eos=a["eos"])  # fmt: skip
     if name in UNLEARN:  # forget = the first half of the rows, retain = the rest (one empty)
         m, ref, n = a["m"], a["ref"], pol.shape[0] // 2
         return L.UnlearnBatch(pol[:n], m[:n], pol[n:], m[n:], ref[:n], ref[n:], a["kl"][n:])
@@ -76,6 +89,8 @@ def build(name, a, pol):
 def kwargs_for(name, **extra):
     fn = L.get(name)
     kw = {"label_smoothing": 0.1} if name in ("exo_pair", "robust") else {}
+    if name == "reinforce_kl":  # a leave-one-out baseline couples rows the pmap split separates
+        kw["baseline"] = None
     kw.update({k: v for k, v in extra.items() if accepts(fn, k)})
     return kw
 
@@ -98,7 +113,9 @@ def test_check_grads_x64(name, x64):
     a = inputs(np.random.default_rng(1))
     # BCO's default delta is this batch's (detached) mean reward, which finite differences would
     # move; a fixed delta, as in training, makes the loss a function of the log-probs alone.
-    f = loss_of(name, a, delta=0.02)
+    # REINFORCE's KL-shaped reward is a stop-gradient function of the log-probs (a score-function
+    # estimator), which finite differences would differentiate: checked without the KL.
+    f = loss_of(name, a, delta=0.02, **({"beta": 0.0} if name == "reinforce_kl" else {}))
     check_grads(lambda p: f(p).loss, (a["pol"],), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
@@ -135,7 +152,8 @@ def test_invalid_hyperparameters(name):
     a = inputs(np.random.default_rng(4), dtype=jnp.float32)
     fn = L.get(name)
     if accepts(fn, "beta"):
-        for beta in (0.0, -0.1):
+        # GRPO's and REINFORCE's beta is a KL weight: 0 turns the penalty off
+        for beta in (-0.1,) if name in ("grpo", "reinforce_kl") else (0.0, -0.1):
             with pytest.raises(ValueError, match="beta"):
                 loss_of(name, a, beta=beta)(a["pol"])
     if accepts(fn, "label_smoothing") and name != "exo_pair":
@@ -182,7 +200,7 @@ def test_pmap_equals_full_batch(name):
     if any(float(t.count) != full.losses.shape[0] for t in full.terms.values()):
         return  # a token-mean term (sft / NLL): per-example losses hold the local batch mean
     losses = np.asarray(losses)  # [N devices, rows per device]
-    if name in UNPAIRED:
+    if name in UNPAIRED or (name in ONLINE and losses.shape[1] == 2):  # one loss per row
         got = np.concatenate([losses[:, 0], losses[:, 1]])  # rows: [chosen rows; rejected rows]
     else:
         got = losses.reshape(-1)

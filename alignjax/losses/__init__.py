@@ -2,7 +2,8 @@
 `loss_type` name, and weighted combinations. Families: the DPO family (every TRL
 1.16 loss type, f-divergences, WPO, LD-DPO), CPO/SimPO/AlphaPO, ORPO, KTO, BCO, SPPO, and the
 token-level TDPO, SparsePO, MaPO and token-wise constrained SFT; the unlearning losses GA,
-GradDiff, NPO and SimNPO on an `UnlearnBatch`."""
+GradDiff, NPO and SimNPO on an `UnlearnBatch`; the on-policy GRPO, RLOO, REINFORCE-KL and online
+DPO on a `ScoredRolloutBatch` of sampled completions."""
 
 from alignjax.losses import reference_free
 from alignjax.losses.advantages import (
@@ -15,6 +16,7 @@ from alignjax.losses.compose import available, combine, get, needs_of, register
 from alignjax.losses.dpo import FORMULAS, dpo, f_score, pair_scores, wpo_weights
 from alignjax.losses.kl_estimators import kl_k1, kl_k2, kl_k3, kl_k3_ratio
 from alignjax.losses.needs import CarriedState, LossNeeds, MaskProvider
+from alignjax.losses.online import ScoredRolloutBatch
 from alignjax.losses.online_dpo import online_dpo_loss, pair_by_reward
 from alignjax.losses.policy_gradient import (
     RolloutBatch,
@@ -97,6 +99,7 @@ __all__ = [
     "win_probabilities",
     "wpo_weights",
     "RolloutBatch",
+    "ScoredRolloutBatch",
     "combine_rewards",
     "group_advantages",
     "grpo_loss",

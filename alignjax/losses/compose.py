@@ -24,12 +24,15 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 
 from alignjax.losses import dpo as _dpo
+from alignjax.losses import online as _online
 from alignjax.losses import reference_free as _rf
 from alignjax.losses import sppo as _sppo
 from alignjax.losses import token as _token
 from alignjax.losses import unlearn as _unlearn
 from alignjax.losses import unpaired as _unpaired
 from alignjax.losses.needs import LossNeeds, merge_needs
+from alignjax.losses.policy_gradient import grpo_loss as _grpo
+from alignjax.losses.policy_gradient import rloo_loss as _rloo
 from alignjax.losses.sft import sft as _sft
 from alignjax.losses.sparse_mask import SparsePOMasks
 from alignjax.losses.types import LossOutput, LossTerm
@@ -213,3 +216,8 @@ register("grad_ascent", _unlearn.grad_ascent, needs=_unlearn_needs(False, None))
 register("grad_diff", _unlearn.grad_diff, needs=_unlearn_needs(False, "nll"))
 register("npo", _unlearn.npo, needs=_unlearn_needs(True, "nll"))
 register("simnpo", _unlearn.simnpo, needs=_unlearn_needs(False, "nll"))
+# On-policy losses on a batch of scored rollouts (task online; `losses.online`)
+register("grpo", _grpo, needs=_online.ONLINE_NEEDS["grpo"])
+register("rloo", _rloo, needs=_online.ONLINE_NEEDS["rloo"])
+register("reinforce_kl", _online.reinforce_kl, needs=_online.ONLINE_NEEDS["reinforce_kl"])
+register("online_dpo", _online.online_dpo, needs=_online.ONLINE_NEEDS["online_dpo"])

@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["TASKS", "LossNeeds", "MaskProvider", "CarriedState", "merge_needs"]
 
-TASKS = ("paired", "unpaired", "sft", "unlearn")
+TASKS = ("paired", "unpaired", "sft", "unlearn", "online")
 
 
 @runtime_checkable
@@ -82,7 +82,7 @@ class LossNeeds:
       tasks: batch kinds the loss reads: "paired" (`PreferenceBatch` of `[chosen; rejected]`
         rows), "unpaired" (`UnpairedBatch`, KTO / BCO), "sft" (single rows, as a
         `PreferenceBatch` with chosen = rejected), "unlearn" (`UnlearnBatch` of forget and
-        retain rows).
+        retain rows), "online" (`ScoredRolloutBatch` of sampled completions, `task: online`).
       reference: needs reference log-probs (False: reference-free, e.g. SimPO / ORPO).
       kl: needs the per-token KL(ref || policy) (`chosen_kl` / `rejected_kl`), so the reference
         runs in the step (not precomputed).

@@ -11,6 +11,8 @@
 - `loop`: `run` over batches with `hooks` (metrics, progress, evaluation, checkpoints, ...).
 - `checkpoint`, `metrics`, `reference` (precomputed reference log-probs), `evaluate`, `data`,
   `dynamics` (DPO-dynamics diagnostics of paired runs).
+- `online` (task online: the rollout phase, sample -> score -> advantages, feeding the step),
+  `online_step` (a batch of scored rollouts as the step's batch kind), `online_config`.
 - `session`: `setup` (a run's parts from a config) and `open_run`; `trainer`: `train`,
   `evaluate_run`, `export_run` (what the `alignjax` command runs).
 

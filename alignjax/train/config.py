@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from alignjax.train.config_convert import from_dict, to_dict
+from alignjax.train.online_config import OnlineConfig
 
 __all__ = [
     "ModelConfig",
@@ -29,6 +30,7 @@ __all__ = [
     "MeshConfig",
     "CheckpointConfig",
     "MaskConfig",
+    "OnlineConfig",
     "TrainConfig",
     "from_dict",
     "to_dict",
@@ -232,9 +234,10 @@ class MaskConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One training run. `task`: "sft", "paired" (DPO family, SPPO), "unpaired" (KTO/BCO), or
+    """One training run. `task`: "sft", "paired" (DPO family, SPPO), "unpaired" (KTO/BCO),
     "unlearn" (forget `data.train` while retaining `data.retain`: grad_ascent, grad_diff, npo,
-    simnpo).
+    simnpo), or "online" (on-policy: sample, score and train on the prompts of `data.train`
+    with `online.method` grpo / rloo / reinforce_kl / online_dpo; the `online:` section).
 
     `init_from`: a previous run's output directory (its `export/merged` model) or an HF model
     directory; it replaces `model.path` / `model.preset`.
@@ -265,6 +268,7 @@ class TrainConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mask: MaskConfig = dataclasses.field(default_factory=MaskConfig)
+    online: OnlineConfig = dataclasses.field(default_factory=OnlineConfig)
     imports: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -333,6 +337,10 @@ def validate(cfg: TrainConfig) -> None:
         _choice("data.format", cfg.data.format, KINDS)
     _validate_unlearn(cfg)
     _validate_probe(cfg)
+    if cfg.task == "online":
+        from alignjax.train.online_config import validate_online
+
+        validate_online(cfg)
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ValueError(f"`data.eval_fraction` must be in (0, 1), got {cfg.data.eval_fraction}")
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from alignjax import data as D
 
-__all__ = ["TASK_KINDS", "load_split", "load_data", "load_retain", "hold_out"]
+__all__ = ["TASK_KINDS", "raw_split", "load_split", "load_data", "load_retain", "hold_out"]
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +27,24 @@ TASK_KINDS = {
     "paired": ("paired", "sppo"),
     "unpaired": ("unpaired",),
     "unlearn": ("language_modeling", "prompt_completion"),  # forget, retain and eval sets
+    "online": ("prompt_only",),  # any rows with a prompt: the other columns go to the rewards
 }
 MIN_HOLD_OUT_ROWS = 20  # below this many training rows, "auto" evaluates nothing
+
+
+def raw_split(source: str, cfg):
+    """The rows of `shipped:<split>` (train / test / sft) or a local file / directory (`path`
+    or `path::split`) as a `datasets.Dataset`, before tokenization."""
+    if source.startswith("shipped:"):
+        return D.shipped_dataset(source.split(":", 1)[1], cache_dir=cfg.data.cache_dir)
+    path, _, split = source.partition("::")
+    return D.load_preference_dataset(path, split=split or "train", cache_dir=cfg.data.cache_dir)
 
 
 def load_split(source: str, cfg, tokenizer, task: str):
     """`shipped:<split>` (train / test / sft) or a local file / directory (`path` or
     `path::split`), tokenized and checked against the task."""
-    if source.startswith("shipped:"):
-        raw = D.shipped_dataset(source.split(":", 1)[1], cache_dir=cfg.data.cache_dir)
-    else:
-        path, _, split = source.partition("::")
-        raw = D.load_preference_dataset(path, split=split or "train", cache_dir=cfg.data.cache_dir)
+    raw = raw_split(source, cfg)
     d = cfg.data
     names = set(raw.column_names)
     if task == "unpaired" and {"chosen", "rejected"} <= names and d.format in (None, "unpaired"):
@@ -60,7 +66,7 @@ def load_split(source: str, cfg, tokenizer, task: str):
         tokenizer,
         config=tok_cfg,
         columns=dict(d.columns) or None,
-        kind=d.format,
+        kind="prompt_only" if task == "online" and d.format is None else d.format,
         on_error=d.on_error,
     )
     if tokenized.format.kind not in TASK_KINDS[task]:

@@ -133,14 +133,14 @@ def token_stats(spec, state: TrainState, params, batch) -> TokenStats:
     ref_out, rw = reference_outputs(spec, state, params, batch)
     mask = batch.loss_mask
     if ref_out is None:
-        logps = ops.fused_token_logps(h, w, batch.labels, mask)
+        logps = ops.fused_token_logps(h, w, batch.labels, mask, temperature=spec.temperature)
         ref = getattr(batch, "ref_logps", None) if spec.reference == "precomputed" else None
         if ref is not None and ref.ndim != 2:
             ref = None if batch.seq_row is not None else ref  # sequence-level: no reordering
         return TokenStats(*to_sequences(spec, batch, [logps, ref, None, mask]), {})
     stats = ops.fused_token_stats(
         h, w, batch.labels, mask, ref_hidden=ref_out.last_hidden_state, ref_unembed=rw,
-        ref_logps=True, kl=spec.needs.kl,
+        ref_logps=True, kl=spec.needs.kl, temperature=spec.temperature,
     )  # fmt: skip
     ref = jax.lax.stop_gradient(stats.ref_logps)
     masks = token_masks(spec, state, params, ref_out, mask)
@@ -154,6 +154,8 @@ def token_stats(spec, state: TrainState, params, batch) -> TokenStats:
 def loss_batch(spec, batch, logps, mask, ref_logps=None, kl=None, masks=None) -> Any:
     """The loss's input pytree (`PreferenceBatch` / `UnpairedBatch` / `UnlearnBatch`) from
     per-token values in the loss layout (`masks`: `token_masks`' output)."""
+    if spec.task == "online":  # a batch of rollouts builds its own (`train.online_step`)
+        return batch.loss_batch(spec, logps, mask, ref_logps)
     if spec.task == "sft":
         return L.PreferenceBatch(logps, logps, mask, mask, ref_logps, ref_logps)
     if spec.task == "unlearn":  # rows [forget; retain], E of each

@@ -90,6 +90,10 @@ def add_adapters(cfg: cfg_lib.TrainConfig, model) -> list[str]:
 def build_spec(cfg: cfg_lib.TrainConfig, *, adapted: bool) -> S.StepSpec:
     """The step spec: the loss (a name or `loss.combine`) and its needs, reference, mask
     options, TR-DPO sync, the PEFT method's regulariser; one row block per process."""
+    if cfg.task == "online":  # the method's loss at the sampling temperature
+        from alignjax.train.online_step import online_spec
+
+        return online_spec(cfg)
     mode = cfg.reference.mode
     loss = cfg.loss.name
     if cfg.loss.combine:
@@ -154,7 +158,7 @@ def build_state(cfg, model, optimizer, spec: S.StepSpec, adapted: list) -> S.Tra
 def reference_caches(cfg, spec, state, train_data, eval_data, out_dir: Path) -> tuple:
     """Precomputed reference log-probs of the train and eval splits (mode "precomputed"):
     the reference checkpoint `reference.path`, else the initial policy."""
-    if spec.reference != "precomputed":
+    if spec.reference != "precomputed" or cfg.task == "online":  # online: at each rollout
         return (None, None)
     if spec.kto_kl:
         raise ValueError("KTO's mismatched rows have no precomputed reference log-probs; "
@@ -204,6 +208,7 @@ class Session:
     initial_state: Any = None  # the state before training (`open_run`, a resumed `train`)
     probe_data: Any = None  # `data.probe`, the DPO-dynamics dispersion probe's rows
     dynamics: Any = None  # paired runs with an eval split: a `dynamics.DynamicsRecorder`
+    rollouts: Any = None  # task online: the rollout phase and step (`online.OnlinePhase`)
     _eval_step: Any = None
     _probe_step: Any = None
 
@@ -289,11 +294,14 @@ class Session:
     def evaluate(self, state=None) -> dict:
         """Metrics on the eval split (`evaluate.evaluate`); {} without one. Paired runs add the
         DPO-dynamics diagnostics `dynamics/*` (`train.dynamics`; an evaluation of a step-0
-        state is their baseline). Task unlearn: the forget, retain (and eval) sets' NLL."""
+        state is their baseline). Task unlearn: the forget, retain (and eval) sets' NLL. Task
+        online: the reward of sampled completions of the held-out prompts."""
         if self.cfg.task == "unlearn":
             return self._evaluate_unlearn(state)
         if self.eval_data is None:
             return {}
+        if self.cfg.task == "online":  # sampled completions of the held-out prompts
+            return self.rollouts.evaluate(self.state if state is None else state)
         state = self.state if state is None else state
         examples, probe = self.eval_examples(state)
         out = E.eval_metrics(examples, task=self.spec.task)
@@ -379,6 +387,10 @@ def setup(cfg: cfg_lib.TrainConfig, *, with_train_data: bool = True) -> Session:
     session.ref_caches = reference_caches(cfg, spec, state, train_data, eval_data, out_dir)
     session.state = placement.put_state(state)
     session.step_fn = placement.build_step(spec, optimizer, learning_rate=schedule)
+    if cfg.task == "online":
+        from alignjax.train.online import OnlinePhase
+
+        session.rollouts = OnlinePhase(session)
     return session
 
 

@@ -68,7 +68,9 @@ __all__ = [
     "TASKS",
 ]
 
-DEFAULT_LOSS = {"paired": "sigmoid", "unpaired": "kto", "sft": "sft", "unlearn": "npo"}
+DEFAULT_LOSS = {
+    "paired": "sigmoid", "unpaired": "kto", "sft": "sft", "unlearn": "npo", "online": "grpo",
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +80,8 @@ class StepSpec:
     Attributes:
       task: "paired" (rows `[chosen; rejected]`), "unpaired" (KTO/BCO rows, with KTO's
         mismatched rows appended when `kto_kl`), "sft" (single rows), or "unlearn" (rows
-        `[forget; retain]`, laid out like a paired batch: `data.UnlearnLoader`).
+        `[forget; retain]`, laid out like a paired batch: `data.UnlearnLoader`), or "online"
+        (sampled completions with their rewards: `train.online_step.OnlineBatch`).
       loss: a registered loss name or a loss function `(batch, **kw) -> LossOutput` (its needs:
         `losses.needs_of(loss).for_kwargs(loss_kwargs)`); None: the task's default (sigmoid /
         kto / sft / npo). It must read the
@@ -102,6 +105,8 @@ class StepSpec:
         update). 0 disables it.
       regularizer: `params -> scalar` added to the loss once per step (not per micro-batch or
         device), e.g. AdaLoRA's orthogonal penalty (`peft.orthogonal_penalty`) times its weight.
+      temperature: log-probs (policy and reference) are those of logits / temperature: an
+        on-policy method's sampling temperature (task "online", `train.online_step`).
 
     Derived: `needs` (the loss's `LossNeeds`, its mask provider configured) and `masks`.
     """
@@ -118,11 +123,14 @@ class StepSpec:
     mapo_groups: tuple[str, ...] = MAPO_GROUPS
     mask_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     regularizer: Callable | None = None
+    temperature: float = 1.0
     needs: L.LossNeeds = dataclasses.field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self):
         if not isinstance(self.row_blocks, int) or self.row_blocks < 1:
             raise ValueError(f"`row_blocks` must be a positive int, got {self.row_blocks!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"`temperature` must be > 0, got {self.temperature!r}")
         if self.task not in TASKS:
             raise ValueError(f"`task` must be one of {TASKS}, got {self.task!r}")
         if self.loss is None:

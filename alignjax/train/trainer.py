@@ -74,6 +74,8 @@ def train_loader(session: Session) -> D.DataLoader:
                          f"`optim.grad_accum` {o.grad_accum}")  # fmt: skip
     if session.cfg.task == "unlearn":
         return session.unlearn_loader()
+    if session.cfg.task == "online":  # prompts: data.batch_size / num_generations a step
+        return session.rollouts.loader()
     config = D.LoaderConfig(
         batch_size=d.batch_size // o.grad_accum, seed=d.seed, buckets=d.buckets,
         sort_window=d.sort_window, packing=d.packing, pack_length=d.pack_length,
@@ -176,6 +178,9 @@ def train(cfg: cfg_lib.TrainConfig, *, progress: bool = True, hooks: Sequence = 
         parts.append(H.CheckpointHook(ckpt, prepare=session.saveable))
         if cfg.peft.method == "adalora":
             parts.append(RankPatternHook(writer, every=cfg.log_every))
+        online = session.rollouts
+        if online is not None:  # rollout progress and samples (rollouts.jsonl)
+            parts.append(online.hook(cfg.log_every, progress=progress))
         parts.append(_finish(session, summary, evaluation))
         if cfg.plot and session.is_main:
             parts.append(
@@ -186,9 +191,12 @@ def train(cfg: cfg_lib.TrainConfig, *, progress: bool = True, hooks: Sequence = 
                 )
             )
         try:
-            state = L.run(state, session.step_fn, loader, steps=cfg.steps,
-                          hooks=[*parts, *hooks], placement=session.placement,
-                          to_device=session.to_device, accum=cfg.optim.grad_accum)  # fmt: skip
+            step_fn, to_device, accum = session.step_fn, session.to_device, cfg.optim.grad_accum
+            if online is not None:  # rollout phase + step, on host prompt batches
+                step_fn, to_device, accum = online, (lambda batch: batch), 1
+            state = L.run(state, step_fn, loader, steps=cfg.steps, hooks=[*parts, *hooks],
+                          placement=session.placement, to_device=to_device,
+                          accum=accum)  # fmt: skip
         finally:
             bar.close()
             if writer is not None:

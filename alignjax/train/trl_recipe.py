@@ -70,9 +70,12 @@ FIELDS_FILE = Path(__file__).with_name("trl_fields.json")
 TRAINERS = {"dpo": "paired", "sft": "sft", "kto": "unpaired"}
 NOT_YET = {  # TRL commands whose alignjax task does not exist yet
     "reward": "a reward-model task (`task: reward`)",
-    "grpo": "on-policy training (`task: online`)",
-    "rloo": "on-policy training (`task: online`)",
-    "online-dpo": "on-policy training (`task: online`)",
+    # on-policy training exists (`alignjax train task=online online.method=...`); the mapping
+    # of these trainers' TRL fields to its `online:` section does not yet
+    "grpo": "mapping of GRPOConfig's fields (use `alignjax train task=online online.method=grpo`)",
+    "rloo": "mapping of RLOOConfig's fields (use `alignjax train task=online online.method=rloo`)",
+    "online-dpo": "mapping of OnlineDPOConfig's fields (use `alignjax train task=online "
+    "online.method=online_dpo`)",
 }
 LEGACY = {  # TRL <= 0.28 fields that recipes still carry
     "rpo_alpha": "dpo",

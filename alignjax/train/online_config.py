@@ -1,0 +1,218 @@
+"""The `online:` section of a run config (`task: online`): which on-policy method, how completions
+are sampled and scored, and the method's hyperparameters, with TRL 1.16's defaults.
+
+    alignjax train task=online online.method=grpo data.train=prompts.jsonl online.beta=0.04
+
+Keys left None take the method's TRL default (`DEFAULTS`, `OnlineConfig.resolved`):
+
+| key             | grpo      | rloo  | reinforce_kl | online_dpo |
+|-----------------|-----------|-------|--------------|------------|
+| num_generations | 8         | 2     | 2            | 2 (fixed)  |
+| max_new_tokens  | 512       | 512   | 64           | 64         |
+| temperature     | 1.0       | 1.0   | 1.0          | 0.9        |
+| beta            | 0.0       | 0.05  | 0.05         | 0.1        |
+| loss_type       | dapo      | -     | -            | sigmoid    |
+
+(GRPOConfig, RLOOConfig, OnlineDPOConfig; GRPO's beta 0 keeps no reference at all.)
+
+`data.batch_size` counts completions per optimizer step, as TRL GRPO's generation batch
+(`per_device_train_batch_size` x processes x accumulation): each step samples
+`data.batch_size / num_generations` prompts `num_generations` times. (TRL's Online DPO counts
+prompts instead; here its batch of P prompts is `data.batch_size = 2 P`.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["OnlineConfig", "METHODS", "DEFAULTS", "validate_online", "needs_reference"]
+
+METHODS = ("grpo", "rloo", "reinforce_kl", "online_dpo")
+DEFAULTS = {
+    "grpo": dict(num_generations=8, max_new_tokens=512, temperature=1.0, beta=0.0,
+                 loss_type="dapo"),
+    "rloo": dict(num_generations=2, max_new_tokens=512, temperature=1.0, beta=0.05),
+    "reinforce_kl": dict(num_generations=2, max_new_tokens=64, temperature=1.0, beta=0.05),
+    "online_dpo": dict(num_generations=2, max_new_tokens=64, temperature=0.9, beta=0.1,
+                       loss_type="sigmoid"),
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineConfig:
+    """On-policy training (`task: online`): every step samples completions of a batch of prompts
+    with the policy, scores them with reward functions, and trains on them (`train.online`).
+
+    Attributes:
+      method: "grpo", "rloo", "reinforce_kl" (REINFORCE with the KL in the reward and a
+        leave-one-out baseline, Korbak et al. 2022) or "online_dpo".
+      num_generations, max_new_tokens, temperature, beta, loss_type: None = the method's TRL
+        default (module table).
+      top_k, top_p: sampling filters (None: off, TRL's 0 / 1.0).
+      stop_tokens: ids ending a completion; None: the tokenizer's EOS ([]: none).
+      rewards: reward function names (`online.REWARDS`; a module in `imports` may register
+        more), called as TRL calls them: `fn(prompts, completions, completion_ids=..., **columns)`
+        with the dataset's other columns; `reward_weights` (None: all 1).
+      missing_eos_penalty: subtracted from the reward of a completion without a stop token.
+      scale_rewards: GRPO's "group" / "batch" / "none".
+      epsilon, epsilon_high: the clipped ratio's bounds (epsilon_high None: epsilon).
+      delta: GRPO's two-sided clip (INTELLECT-2), None: off.
+      importance_sampling_level: GRPO "token" or "sequence" (GSPO).
+      use_bias_correction_kl: GRPO's k3 KL times the ratio (TRL 1.16's default).
+      normalize_advantages, reward_clip_range: RLOO's options.
+      baseline: REINFORCE's "loo" (leave-one-out mean within a prompt's samples) or None.
+      num_iterations: mu, optimizer steps on each batch of rollouts (1: on-policy); the later
+        ones use the sampler's log-probs at the temperature as the old policy's.
+      log_samples: completions written to `rollouts.jsonl` every `log_every` steps (0: none).
+    """
+
+    method: str = "grpo"
+    num_generations: int | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    stop_tokens: tuple[int, ...] | None = None
+    rewards: tuple[str, ...] = ("sentiment",)
+    reward_weights: tuple[float, ...] | None = None
+    missing_eos_penalty: float | None = None
+    scale_rewards: str = "group"
+    loss_type: str | None = None
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    importance_sampling_level: str = "token"
+    beta: float | None = None
+    use_bias_correction_kl: bool = True
+    normalize_advantages: bool = False
+    reward_clip_range: tuple[float, float] | None = None
+    baseline: str | None = "loo"
+    num_iterations: int = 1
+    log_samples: int = 4
+
+    def resolved(self) -> OnlineConfig:
+        """A copy with every None default filled in from the method's column of `DEFAULTS`."""
+        if self.method not in METHODS:
+            raise ValueError(f"`online.method` must be one of {list(METHODS)}, got {self.method!r}")
+        fill = {k: v for k, v in DEFAULTS[self.method].items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **fill)
+
+    @property
+    def layout(self) -> str:
+        """The rollout's row layout: TRL Online DPO's two halves, else groups of G."""
+        return "halves" if self.method == "online_dpo" else "grouped"
+
+
+def needs_reference(o: OnlineConfig) -> bool:
+    """Whether the method reads reference log-probs (a resolved config)."""
+    return o.method == "online_dpo" or o.beta != 0
+
+
+def _positive(key: str, value, *, integer: bool = False, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) if integer else True
+    if not ok or not value > 0:
+        kind = "a positive int" if integer else "> 0"
+        raise ValueError(f"`{key}` must be {kind}, got {value!r}")
+
+
+def validate_online(cfg) -> None:
+    """`task: online`'s keys against each other and the rest of the run (a ValueError names the
+    key). Reward names are checked against `online.REWARDS` after `imports` ran."""
+    from alignjax.losses.advantages import SCALE_REWARDS
+    from alignjax.losses.online_dpo import ONLINE_DPO_LOSS_TYPES
+    from alignjax.losses.policy_gradient import IS_LEVELS, LOSS_TYPES
+    from alignjax.online.rewards import REWARDS
+
+    o = cfg.online.resolved()
+    g = o.num_generations
+    _positive("online.num_generations", g, integer=True)
+    if o.method == "online_dpo" and g != 2:
+        raise ValueError(f"`online.num_generations` is 2 for online_dpo (a pair per prompt), "
+                         f"got {g}")  # fmt: skip
+    if g < 2:
+        raise ValueError(f"`online.num_generations` must be >= 2 (a baseline needs siblings), "
+                         f"got {g}")  # fmt: skip
+    _positive("online.max_new_tokens", o.max_new_tokens, integer=True)
+    _positive("online.temperature", o.temperature)
+    _positive("online.top_k", o.top_k, integer=True, allow_none=True)
+    if o.top_p is not None and not 0 < o.top_p <= 1:
+        raise ValueError(f"`online.top_p` must be in (0, 1], got {o.top_p}")
+    _positive("online.epsilon", o.epsilon)
+    _positive("online.epsilon_high", o.epsilon_high, allow_none=True)
+    _positive("online.delta", o.delta, allow_none=True)
+    _positive("online.num_iterations", o.num_iterations, integer=True)
+    if not o.beta >= 0:
+        raise ValueError(f"`online.beta` must be >= 0, got {o.beta}")
+    if o.scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"`online.scale_rewards` must be one of {list(SCALE_REWARDS)}, "
+                         f"got {o.scale_rewards!r}")  # fmt: skip
+    if o.importance_sampling_level not in IS_LEVELS:
+        raise ValueError(f"`online.importance_sampling_level` must be one of {list(IS_LEVELS)}, "
+                         f"got {o.importance_sampling_level!r}")  # fmt: skip
+    types = {"grpo": LOSS_TYPES, "online_dpo": ONLINE_DPO_LOSS_TYPES}.get(o.method, (None,))
+    if o.loss_type not in types:
+        raise ValueError(f"`online.loss_type` for {o.method} must be one of {list(types)}, "
+                         f"got {o.loss_type!r}")  # fmt: skip
+    if o.baseline not in ("loo", None):
+        raise ValueError(f"`online.baseline` must be 'loo' or null, got {o.baseline!r}")
+    if not o.rewards:
+        raise ValueError("`online.rewards` is empty: name at least one reward function")
+    for i, name in enumerate(o.rewards):
+        if name not in REWARDS:
+            raise ValueError(f"`online.rewards[{i}]` {name!r} is not a registered reward function; "
+                             f"available: {sorted(REWARDS)} (register more with "
+                             "online.register_reward in a module listed in `imports`)")  # fmt: skip
+    if o.reward_weights is not None and len(o.reward_weights) != len(o.rewards):
+        raise ValueError(f"`online.reward_weights` needs one weight per reward function "
+                         f"({len(o.rewards)}), got {len(o.reward_weights)}")  # fmt: skip
+    _validate_run(cfg, o)
+
+
+def _validate_run(cfg, o: OnlineConfig) -> None:
+    """The online method against data, loss, reference, accumulation and checkpoints."""
+    d, g, accum = cfg.data, o.num_generations, cfg.optim.grad_accum
+    if d.batch_size % g:
+        raise ValueError(f"`online.num_generations`={g} must divide `data.batch_size`="
+                         f"{d.batch_size} (completions per step: data.batch_size / "
+                         "num_generations prompts, each sampled num_generations "
+                         "times)")  # fmt: skip
+    prompts = d.batch_size // g
+    if d.batch_size % accum or (o.method == "online_dpo" and prompts % accum):
+        unit = "prompts (whole pairs)" if o.method == "online_dpo" else "completions"
+        raise ValueError(f"`optim.grad_accum`={accum} must divide the step's {unit} "
+                         f"(data.batch_size={d.batch_size}, "
+                         f"online.num_generations={g})")  # fmt: skip
+    if o.method == "reinforce_kl":
+        if o.num_iterations != 1:
+            raise ValueError("`online.num_iterations` must be 1 for reinforce_kl (on-policy)")
+        if o.baseline == "loo" and (d.batch_size // accum) % g:
+            raise ValueError(f"reinforce_kl's leave-one-out baseline needs whole groups per "
+                             f"micro-batch: `optim.grad_accum`={accum} must divide the "
+                             f"{prompts} prompts of a step")  # fmt: skip
+    if d.packing:
+        raise ValueError("`data.packing` does not apply to task=online (rollouts are padded rows)")
+    loss = cfg.loss
+    if loss.combine or loss.name not in (None, o.method) or loss.beta is not None:
+        raise ValueError(f"task=online trains `online.method` ({o.method!r}) with `online.beta`: "
+                         "leave loss.name / loss.combine / loss.beta unset (loss.kwargs adds "
+                         "further keyword arguments of the loss)")  # fmt: skip
+    ref = cfg.reference
+    if needs_reference(o):
+        if ref.mode not in ("frozen", "adapters_disabled"):
+            raise ValueError(f"`reference.mode`={ref.mode!r}: {o.method} with beta="
+                             f"{o.beta} reads reference log-probs, computed at every rollout: "
+                             "use 'frozen' or 'adapters_disabled'")  # fmt: skip
+        if ref.mode == "adapters_disabled" and cfg.peft.method is None:
+            raise ValueError("reference.mode='adapters_disabled' needs adapters (set peft.method)")
+        if ref.path is not None and cfg.peft.method is not None:
+            raise ValueError("`reference.path` with PEFT is not supported by task=online")
+    if ref.sync_every:
+        raise ValueError("`reference.sync_every` (TR-DPO) is not supported by task=online")
+    mu = o.num_iterations
+    if mu > 1 and cfg.checkpoint.every % mu:
+        raise ValueError(f"`checkpoint.every`={cfg.checkpoint.every} must be a multiple of "
+                         f"`online.num_iterations`={mu}: a checkpoint inside a batch's "
+                         "iterations could not resume it bitwise (its rollouts are not "
+                         "saved)")  # fmt: skip

@@ -27,6 +27,7 @@ UNPAIRED = {"kto", "apo_zero_unpaired", "bco"}
 UNLEARN = {n for n in L.available() if "unlearn" in L.needs_of(n).tasks}
 ONLINE = {n for n in L.available() if "online" in L.needs_of(n).tasks}
 ON_POLICY_ONLY = {"online_dpo", "reinforce_kl"}  # they read no sampler log-probs
+REWARD = {n for n in L.available() if "reward" in L.needs_of(n).tasks}
 NAMES = L.available()
 N, T = 8, 5  # N pairs (one per device under pmap), T tokens
 
@@ -78,6 +79,9 @@ def build(name, a, pol):
         old = None if name in ON_POLICY_ONLY else a["old"]
         return L.ScoredRolloutBatch(pol, a["m"], a["adv"], old, a["ref"], rewards=a["rewards"],
                                     contains_eos=a["eos"])  # fmt: skip
+    if name in REWARD:  # a reward model's scores: here the masked sequence sums, with margins
+        n, scores = pol.shape[0] // 2, jnp.sum(pol * a["m"], axis=-1)
+        return L.RewardBatch(scores[:n], scores[n:], a["rewards"][:n])
     if name in UNLEARN:  # forget = the first half of the rows, retain = the rest (one empty)
         m, ref, n = a["m"], a["ref"], pol.shape[0] // 2
         return L.UnlearnBatch(pol[:n], m[:n], pol[n:], m[n:], ref[:n], ref[n:], a["kl"][n:])

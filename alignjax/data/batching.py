@@ -6,7 +6,8 @@ A `Batch` is a pytree of NumPy arrays (host side; `jax.device_put` it or let jit
   (DESIGN.md alignment: `labels[:, t] = input_ids[:, t + 1]`, `loss_mask` 1 on predicted
   completion tokens), and `segment_ids` for packed rows (0 = padding, 1..S per sequence);
 - per-example arrays `[E]`: `valid` (0 for padding examples), `rows` (source row, -1 padding),
-  and, when the data has them, `label` (unpaired), SPPO win probabilities;
+  and, when the data has them, `label` (unpaired), SPPO win probabilities, the per-pair
+  numbers `score_chosen` / `score_rejected` / `margin`;
 - packed batches also locate every sequence: `seq_row`, `seq_start`, `seq_length` `[Q]`
   (Q = 2E paired in `[chosen; rejected]` order, E unpaired).
 
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 WIN_FIELDS = ("chosen_win_prob", "rejected_win_prob", "win_prob")
-SCORE_FIELDS = ("score_chosen", "score_rejected")  # a dataset's per-response scores
+SCORE_FIELDS = ("score_chosen", "score_rejected", "margin")  # per-pair numbers of a dataset
 
 
 @jax.tree_util.register_dataclass
@@ -64,6 +65,7 @@ class Batch:
     seq_start: np.ndarray | None = None
     seq_length: np.ndarray | None = None
     ref_logps: np.ndarray | None = None  # precomputed reference log-probs, [R, L] or [R]
+    margin: np.ndarray | None = None  # TRL RewardTrainer's `margin` column, [E]
 
     @property
     def packed(self) -> bool:

@@ -12,7 +12,8 @@ A row is normalised to canonical fields, whatever the source columns:
 | `prompt_only` | prompt: prompts for on-policy methods (TRL's "prompt-only" type)            |
 
 Extra columns TRL datasets carry are kept when present (`EXTRA_FIELDS`: `prompt_id`, and the
-UltraFeedback scores `score_chosen` / `score_rejected`, usable as pair weights or margins).
+UltraFeedback scores `score_chosen` / `score_rejected`, usable as pair weights or margins, and
+TRL RewardTrainer's `margin` column: finite numbers, checked row by row).
 
 Each text field is a string (standard) or a list of `{"role", "content"}` messages
 (conversational, as TRL). `implicit_prompt` datasets have no prompt column: the prompt is the
@@ -40,8 +41,9 @@ KINDS = ("paired", "sppo", "unpaired", "language_modeling", "prompt_completion",
 SFT_KINDS = ("language_modeling", "prompt_completion")
 WIN_FIELDS = ("chosen_win_prob", "rejected_win_prob", "win_prob")
 ROLES = ("system", "user", "assistant", "tool")
-EXTRA_FIELDS = ("prompt_id", "score_chosen", "score_rejected")  # kept when present
+EXTRA_FIELDS = ("prompt_id", "score_chosen", "score_rejected", "margin")  # kept when present
 SCORE_FIELDS = ("score_chosen", "score_rejected")
+PAIR_FIELDS = (*SCORE_FIELDS, "margin")  # numbers about a pair: paired / sppo rows only
 
 
 class RowError(ValueError):
@@ -97,8 +99,8 @@ class DataFormat:
         unknown = set(self.extra_fields) - set(EXTRA_FIELDS)
         if unknown:
             raise ValueError(f"`extra_fields` must be among {EXTRA_FIELDS}, got {sorted(unknown)}")
-        if set(self.extra_fields) & set(SCORE_FIELDS) and self.kind not in ("paired", "sppo"):
-            raise ValueError(f"{SCORE_FIELDS} are scores of a pair; {self.kind} rows have none")
+        if set(self.extra_fields) & set(PAIR_FIELDS) and self.kind not in ("paired", "sppo"):
+            raise ValueError(f"{PAIR_FIELDS} are numbers of a pair; {self.kind} rows have none")
         object.__setattr__(
             self, "extra_fields", tuple(f for f in EXTRA_FIELDS if f in self.extra_fields)
         )

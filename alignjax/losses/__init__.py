@@ -26,6 +26,7 @@ from alignjax.losses.policy_gradient import (
     rloo_loss,
 )
 from alignjax.losses.reference_free import alphapo_reward, cpo, orpo
+from alignjax.losses.reward import RewardBatch, bradley_terry_reward_loss, reward_loss
 from alignjax.losses.sft import sft
 from alignjax.losses.sparse_mask import SparseMaskHead, SparsePOMasks
 from alignjax.losses.sppo import sppo, sppo_single, win_probabilities
@@ -53,6 +54,9 @@ from alignjax.losses.unpaired import (
 
 __all__ = [
     "FORMULAS",
+    "RewardBatch",
+    "bradley_terry_reward_loss",
+    "reward_loss",
     "alphapo_reward",
     "cpo",
     "orpo",

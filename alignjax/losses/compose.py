@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from alignjax.losses import dpo as _dpo
 from alignjax.losses import online as _online
 from alignjax.losses import reference_free as _rf
+from alignjax.losses import reward as _reward
 from alignjax.losses import sppo as _sppo
 from alignjax.losses import token as _token
 from alignjax.losses import unlearn as _unlearn
@@ -221,3 +222,5 @@ register("grpo", _grpo, needs=_online.ONLINE_NEEDS["grpo"])
 register("rloo", _rloo, needs=_online.ONLINE_NEEDS["rloo"])
 register("reinforce_kl", _online.reinforce_kl, needs=_online.ONLINE_NEEDS["reinforce_kl"])
 register("online_dpo", _online.online_dpo, needs=_online.ONLINE_NEEDS["online_dpo"])
+# The reward model's Bradley-Terry loss on scalar scores (task reward; `losses.reward`)
+register("reward", _reward.reward_loss, needs=LossNeeds(tasks=("reward",), reference=False))

@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["TASKS", "LossNeeds", "MaskProvider", "CarriedState", "merge_needs"]
 
-TASKS = ("paired", "unpaired", "sft", "unlearn", "online")
+TASKS = ("paired", "unpaired", "sft", "unlearn", "online", "reward")
 
 
 @runtime_checkable
@@ -82,7 +82,9 @@ class LossNeeds:
       tasks: batch kinds the loss reads: "paired" (`PreferenceBatch` of `[chosen; rejected]`
         rows), "unpaired" (`UnpairedBatch`, KTO / BCO), "sft" (single rows, as a
         `PreferenceBatch` with chosen = rejected), "unlearn" (`UnlearnBatch` of forget and
-        retain rows), "online" (`ScoredRolloutBatch` of sampled completions, `task: online`).
+        retain rows), "online" (`ScoredRolloutBatch` of sampled completions, `task: online`),
+        "reward" (`RewardBatch` of scalar scores r(x, y) of `[chosen; rejected]` rows: the step
+        runs the reward model's value head instead of the LM head, `task: reward`).
       reference: needs reference log-probs (False: reference-free, e.g. SimPO / ORPO).
       kl: needs the per-token KL(ref || policy) (`chosen_kl` / `rejected_kl`), so the reference
         runs in the step (not precomputed).

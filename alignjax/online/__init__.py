@@ -25,6 +25,7 @@ from alignjax.online.cream import (
     pair_consistency,
     preference_pairs,
 )
+from alignjax.online.reward_model import load_reward_model, reward_model_scorer
 from alignjax.online.rewards import REWARDS, get_reward, register_reward
 from alignjax.online.rollout import (
     LAYOUTS,
@@ -71,6 +72,8 @@ __all__ = [
     "scorers",
     "rewards",
     "REWARDS",
+    "reward_model_scorer",
+    "load_reward_model",
     "get_reward",
     "register_reward",
     "PairIndex",

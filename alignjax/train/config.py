@@ -236,8 +236,11 @@ class MaskConfig:
 class TrainConfig:
     """One training run. `task`: "sft", "paired" (DPO family, SPPO), "unpaired" (KTO/BCO),
     "unlearn" (forget `data.train` while retaining `data.retain`: grad_ascent, grad_diff, npo,
-    simnpo), or "online" (on-policy: sample, score and train on the prompts of `data.train`
-    with `online.method` grpo / rloo / reinforce_kl / online_dpo; the `online:` section).
+    simnpo), "online" (on-policy: sample, score and train on the prompts of `data.train`
+    with `online.method` grpo / rloo / reinforce_kl / online_dpo; the `online:` section), or
+    "reward" (a reward model: a value head on the Llama trained with TRL RewardTrainer's loss
+    on preference pairs, `loss.kwargs.center_rewards_coefficient`, an optional `margin` column;
+    `online.reward_model_scorer` loads the export as a reward function).
 
     `init_from`: a previous run's output directory (its `export/merged` model) or an HF model
     directory; it replaces `model.path` / `model.preset`.
@@ -337,6 +340,7 @@ def validate(cfg: TrainConfig) -> None:
         _choice("data.format", cfg.data.format, KINDS)
     _validate_unlearn(cfg)
     _validate_probe(cfg)
+    _validate_reward(cfg)
     if cfg.task == "online":
         from alignjax.train.online_config import validate_online
 
@@ -355,6 +359,18 @@ def _validate_probe(cfg: TrainConfig) -> None:
     if cfg.eval_every < 1:
         raise ValueError(f"`data.probe` is evaluated every `eval_every` steps: set eval_every "
                          f">= 1, got {cfg.eval_every}")  # fmt: skip
+
+
+def _validate_reward(cfg: TrainConfig) -> None:
+    """task reward: the "reward" loss on padded rows (one sequence per row)."""
+    if cfg.task != "reward":
+        return
+    if cfg.data.packing:
+        raise ValueError("task=reward reads each row's last token: set `data.packing` false")
+    names = [n for n, _ in cfg.loss.combine] or [cfg.loss.name or "reward"]
+    if names != ["reward"]:
+        raise ValueError(f"task=reward trains the 'reward' loss (`loss.name` null or 'reward', "
+                         f"no `loss.combine`), got {names}")  # fmt: skip
 
 
 MASK_SCORES = ("wagle", "gradient", "magnitude", "random")

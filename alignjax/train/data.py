@@ -28,6 +28,7 @@ TASK_KINDS = {
     "unpaired": ("unpaired",),
     "unlearn": ("language_modeling", "prompt_completion"),  # forget, retain and eval sets
     "online": ("prompt_only",),  # any rows with a prompt: the other columns go to the rewards
+    "reward": ("paired",),  # a reward model on preference pairs (a `margin` column optional)
 }
 MIN_HOLD_OUT_ROWS = 20  # below this many training rows, "auto" evaluates nothing
 

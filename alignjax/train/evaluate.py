@@ -15,7 +15,9 @@ depend on the batch size. Metrics keep TRL's names:
   the chosen completions);
 - unpaired (KTO / BCO): `loss`, `rewards/chosen` / `rewards/rejected` as means over the
   desirable / undesirable examples, `rewards/margins` their difference;
-- sft: `loss` = `nll` (token mean over the split) and `perplexity` = exp(nll).
+- sft: `loss` = `nll` (token mean over the split) and `perplexity` = exp(nll);
+- reward (a reward model): `loss`, `accuracy` (fraction with r_chosen > r_rejected), `margin`
+  (mean r_chosen - r_rejected), `min_reward`, `mean_reward`, `max_reward` (TRL's names).
 
 `loss` of a paired loss is the mean of `LossOutput.losses`, which equals the training loss for
 every per-example-mean loss; losses with token-count terms (e.g. RPO's NLL part) are averaged
@@ -61,6 +63,10 @@ def build_eval_step(spec: StepSpec) -> Callable:
 
     def step(state: TrainState, batch):
         logps, ref_logps, kl, mask, masks = token_stats(spec, state, state.params, batch)
+        if spec.task == "reward":  # `logps` are the [chosen; rejected] scores
+            out = spec.loss_fn(loss_batch(spec, batch, logps, mask), **spec.loss_kwargs)
+            return {"losses": out.losses, "chosen_rewards": out.chosen_rewards,
+                    "rejected_rewards": out.rejected_rewards, "valid": batch.valid}  # fmt: skip
         seq = masked_sum(logps, mask)
         tokens = jnp.sum(mask, axis=-1).astype(jnp.float32)
         if spec.task == "sft":
@@ -150,6 +156,14 @@ def eval_metrics(cat: dict, *, task: str = "paired") -> dict:
         return out
     out["loss"] = _mean(cat["losses"], w)
     chosen, rejected = cat["chosen_rewards"], cat["rejected_rewards"]
+    if task == "reward":  # TRL RewardTrainer's names, over the real pairs
+        real = w > 0
+        both = np.concatenate([chosen[real], rejected[real]]).astype(np.float64)
+        out["accuracy"] = _mean(chosen > rejected, w)
+        out["margin"] = _mean(np.asarray(chosen, np.float64) - rejected, w)
+        out.update(min_reward=float(both.min()), mean_reward=float(both.mean()),
+                   max_reward=float(both.max()))  # fmt: skip
+        return out
     if task == "unpaired":
         good, bad = w * cat["label"], w * (1 - cat["label"])
         out["rewards/chosen"] = _mean(chosen, good)

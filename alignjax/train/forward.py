@@ -27,6 +27,7 @@ from alignjax.train.state import TrainState, heads_of, model_of
 
 __all__ = [
     "TokenStats",
+    "reward_scores",
     "policy_outputs",
     "reference_outputs",
     "token_masks",
@@ -125,9 +126,23 @@ def to_sequences(spec, batch, values: list) -> list:
     return values
 
 
+def reward_scores(state: TrainState, params, batch) -> jax.Array:
+    """Task reward: r(x, y) `[R]` of a batch's rows, the value head (the state's "score" head,
+    `models.reward`) on the final hidden state at each row's last real token."""
+    from alignjax.models.reward import HEAD_NAME, sequence_scores
+
+    head = getattr(heads_of(state, params), HEAD_NAME)
+    return sequence_scores(model_of(state, params), head, **batch.model_inputs())
+
+
 def token_stats(spec, state: TrainState, params, batch) -> TokenStats:
     """Policy (and reference) per-token log-probs / KL of a batch in one fused LM-head pass, the
-    loss's token masks and the loss mask, all in the loss layout (`to_sequences`)."""
+    loss's token masks and the loss mask, all in the loss layout (`to_sequences`). Task reward:
+    `logps` holds the `[Q]` sequence scores r(x, y) instead (`reward_scores`), no LM head."""
+    if spec.task == "reward":
+        scores, mask = to_sequences(spec, batch, [reward_scores(state, params, batch),
+                                                  batch.loss_mask])  # fmt: skip
+        return TokenStats(scores, None, None, mask, {})
     out, w = policy_outputs(model_of(state, params), batch)
     h = out.last_hidden_state
     ref_out, rw = reference_outputs(spec, state, params, batch)
@@ -158,6 +173,10 @@ def loss_batch(spec, batch, logps, mask, ref_logps=None, kl=None, masks=None) ->
         return batch.loss_batch(spec, logps, mask, ref_logps)
     if spec.task == "sft":
         return L.PreferenceBatch(logps, logps, mask, mask, ref_logps, ref_logps)
+    if spec.task == "reward":  # `logps` holds the [chosen; rejected] scores (`token_stats`)
+        n = batch.valid.shape[0]
+        margin = getattr(batch, "margin", None)
+        return L.RewardBatch(logps[:n], logps[n:], margin, batch.valid)
     if spec.task == "unlearn":  # rows [forget; retain], E of each
         n = batch.valid.shape[0]
         kw = dict(forget_logps=logps[:n], forget_mask=mask[:n], retain_logps=logps[n:],
@@ -198,7 +217,7 @@ def term_counts(spec, batch) -> dict:
     """Each loss term's count for this (micro-)batch: the loss on zero log-probs (the counts
     depend on the masks only; the premise of exact accumulation)."""
     (mask,) = to_sequences(spec, batch, [batch.loss_mask])
-    z = jnp.zeros(mask.shape, jnp.float32)
+    z = jnp.zeros(mask.shape[:1] if spec.task == "reward" else mask.shape, jnp.float32)
     ref = None if spec.reference == "none" else z
     kl = z if spec.needs.kl else None
     masks = {} if spec.masks is None else {n: z for n in spec.masks.mask_names}

@@ -135,9 +135,14 @@ def build_spec(cfg: cfg_lib.TrainConfig, *, adapted: bool) -> S.StepSpec:
 
 
 def build_state(cfg, model, optimizer, spec: S.StepSpec, adapted: list) -> S.TrainState:
-    """The initial state: trainable params (adapters only under PEFT), the loss's heads and
-    carried state, the reference (`reference.path`: another checkpoint as the frozen one)."""
+    """The initial state: trainable params (adapters only under PEFT), the loss's heads (task
+    reward: the value head "score") and carried state, the reference (`reference.path`:
+    another checkpoint as the frozen one)."""
     heads = {} if spec.masks is None else spec.masks.heads(model.config, seed=cfg.seed + 2)
+    if spec.task == "reward":  # the reward model's value head (`models.reward`)
+        from alignjax.models.reward import HEAD_NAME, ValueHead
+
+        heads = {HEAD_NAME: ValueHead(model.config.hidden_size, seed=cfg.seed + 2)}
     state = S.init_state(
         model,
         optimizer,

@@ -70,6 +70,7 @@ __all__ = [
 
 DEFAULT_LOSS = {
     "paired": "sigmoid", "unpaired": "kto", "sft": "sft", "unlearn": "npo", "online": "grpo",
+    "reward": "reward",
 }  # fmt: skip
 
 
@@ -80,8 +81,10 @@ class StepSpec:
     Attributes:
       task: "paired" (rows `[chosen; rejected]`), "unpaired" (KTO/BCO rows, with KTO's
         mismatched rows appended when `kto_kl`), "sft" (single rows), or "unlearn" (rows
-        `[forget; retain]`, laid out like a paired batch: `data.UnlearnLoader`), or "online"
-        (sampled completions with their rewards: `train.online_step.OnlineBatch`).
+        `[forget; retain]`, laid out like a paired batch: `data.UnlearnLoader`), "online"
+        (sampled completions with their rewards: `train.online_step.OnlineBatch`), or "reward"
+        (paired rows scored by a value head: a reward model, `models.reward`; the state
+        carries the head as its "score" head).
       loss: a registered loss name or a loss function `(batch, **kw) -> LossOutput` (its needs:
         `losses.needs_of(loss).for_kwargs(loss_kwargs)`); None: the task's default (sigmoid /
         kto / sft / npo). It must read the
@@ -155,7 +158,7 @@ class StepSpec:
         if self.reference not in REFERENCES:
             raise ValueError(f"`reference` must be one of {REFERENCES}, got {self.reference!r}")
         free = not (needs.reference or needs.reference_in_step)
-        if self.task in ("sft", "unlearn") and free and self.reference != "none":
+        if self.task in ("sft", "unlearn", "reward") and free and self.reference != "none":
             object.__setattr__(self, "reference", "none")  # no frozen copy for nothing
         if self.task == "unlearn" and self.reference == "precomputed":
             raise ValueError("task 'unlearn' builds its forget / retain rows per step and has no "

@@ -17,6 +17,8 @@ The run directory (`cfg.out_dir`, relative paths resolved against the working di
     dynamics_baseline.npz  paired runs: held-out log-probs at step 0 (`train.dynamics`)
     export/merged/         HF safetensors + config + tokenizer (adapters merged)
     export/adapter/        the adapters in HF PEFT format (PEFT runs)
+    export/merged/reward_head.safetensors, reward_config.json   task reward: the value head
+                           (HF's `score.weight`) and how rows were tokenized
     curves.png             training and evaluation curves
 
 Starting `train` on a directory that holds checkpoints resumes from the latest one (bitwise the
@@ -108,7 +110,8 @@ def _finish(session: Session, summary: dict, evaluation: H.EvalHook | None):
         if evaluation is not None:
             summary["eval"] = dict(evaluation.last) or session.evaluate(ctx.state)
         prompts = session.train_data if cfg.task == "unlearn" else session.eval_data
-        samples = cfg.eval_samples and prompts is not None  # unlearn: the forget prompts
+        # unlearn: the forget prompts; a reward model does not generate
+        samples = cfg.eval_samples and prompts is not None and cfg.task != "reward"
         host = ctx.host_state() if samples or cfg.checkpoint.export_hf else None
         if not session.is_main:
             return
@@ -247,4 +250,8 @@ def export_run(
     merged = models.save_pretrained(model, out / "merged")
     session.tokenizer.save_pretrained(str(out / "merged"))
     paths["merged"] = str(merged)
+    if session.cfg.task == "reward":  # the value head next to the decoder
+        from alignjax.online.reward_model import save_reward_head
+
+        paths["reward_head"] = str(save_reward_head(host, session.cfg, out / "merged"))
     return paths

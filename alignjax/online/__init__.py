@@ -15,7 +15,7 @@ package attribute `online.rollout` is the function) and `scorers` (`score`, `sen
 decoding, `bradley_terry_win_rates`, pair selection).
 """
 
-from alignjax.online import rewards, scorers
+from alignjax.online import iteration_data, iterative, phases, rewards, scorers
 from alignjax.online.cream import (
     Consistency,
     PairSelection,
@@ -25,6 +25,21 @@ from alignjax.online.cream import (
     pair_consistency,
     preference_pairs,
 )
+from alignjax.online.iteration_data import (
+    Samples,
+    best_worst_pairs,
+    cream_pairs,
+    cream_rewards,
+    sppo_pairs,
+)
+from alignjax.online.iterative import (
+    IterativeConfig,
+    iteration_config,
+    policy_source,
+    prompt_splits,
+    run_iterative,
+)
+from alignjax.online.phases import Phases, Sampling, data_step, default_phases
 from alignjax.online.reward_model import load_reward_model, reward_model_scorer
 from alignjax.online.rewards import REWARDS, get_reward, register_reward
 from alignjax.online.rollout import (
@@ -103,28 +118,8 @@ __all__ = [
     "kendall_tau",
     "pair_consistency",
     "preference_pairs",
-]
-
-# Iterative methods (iterative DPO, SPPO's self-play loop, CREAM): a driver over phases.
-# `alignjax.online.cream_loss` (the registered "cream" loss) is imported by CREAM runs only.
-from alignjax.online import iteration_data, iterative, phases  # noqa: E402
-from alignjax.online.iteration_data import (  # noqa: E402
-    Samples,
-    best_worst_pairs,
-    cream_pairs,
-    cream_rewards,
-    sppo_pairs,
-)
-from alignjax.online.iterative import (  # noqa: E402
-    IterativeConfig,
-    iteration_config,
-    policy_source,
-    prompt_splits,
-    run_iterative,
-)
-from alignjax.online.phases import Phases, Sampling, data_step, default_phases  # noqa: E402
-
-__all__ += [
+    # iterative methods: iterative DPO, SPPO's self-play loop, CREAM (a driver over phases;
+    # `alignjax.online.cream_loss`, the registered "cream" loss, is imported by CREAM runs only)
     "iteration_data",
     "iterative",
     "phases",

@@ -43,8 +43,9 @@ CONFIG = dict(  # the issue's tiny Llama
 IMPLEMENTATIONS = ("grouped", "blockwise")
 
 
-def compiled_step(implementation: str, length: int):
-    """(compiled value_and_grad step, its parameters) at batch 1 x `length` tokens."""
+def compiled_step(implementation: str, length: int, *, dtype=None, config: dict | None = None):
+    """(compiled value_and_grad step, its parameters) at batch 1 x `length` tokens, for the
+    Llama of `config` (default `CONFIG`) computing in `dtype` (None: float32, its parameters')."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -52,10 +53,11 @@ def compiled_step(implementation: str, length: int):
 
     from alignjax import models, ops
 
-    cfg = models.LlamaConfig(**CONFIG, attention_implementation=implementation)
-    model = models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    config = CONFIG if config is None else config
+    cfg = models.LlamaConfig(**config, attention_implementation=implementation)
+    model = models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype)
     graphdef, params = nnx.split(model)
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG["vocab_size"], (1, length)))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, config["vocab_size"], (1, length)))
 
     def loss(params):
         m = nnx.merge(graphdef, params)
@@ -65,20 +67,50 @@ def compiled_step(implementation: str, length: int):
     return jax.jit(jax.value_and_grad(loss)).lower(params).compile(), params
 
 
+def attention_step(
+    implementation: str, length: int, *, heads: int, kv_heads: int, head_dim: int, dtype=None
+):
+    """(compiled gradient w.r.t. q, k, v of one causal self-attention call through
+    `models.attention`, its arguments) at batch 1 x `length` tokens, with the mask
+    `attention_masks` builds for `implementation` (2-D for "blockwise", 4-D otherwise)."""
+    import jax
+    import jax.numpy as jnp
+
+    from alignjax import models
+    from alignjax.models.attention import attention_masks
+
+    dtype = jnp.float32 if dtype is None else dtype
+    keys = jax.random.split(jax.random.key(0), 4)
+    shapes = [(1, length, heads, head_dim)] + [(1, length, kv_heads, head_dim)] * 2
+    q, k, v = (jax.random.normal(key, s, dtype) for key, s in zip(keys, shapes))
+    cotangent = jax.random.normal(keys[3], shapes[0], dtype)
+    mask = attention_masks(jnp.ones((1, length), jnp.int32), None, implementation)
+
+    def loss(q, k, v):
+        out = models.attention(q, k, v, mask, implementation=implementation, causal=True)
+        return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return grad.lower(q, k, v).compile(), (q, k, v)
+
+
 def temp_mib(implementation: str, length: int) -> float:
     step, _ = compiled_step(implementation, length)
     return step.memory_analysis().temp_size_in_bytes / 2**20
 
 
 def step_seconds(step, params, reps: int) -> float:
+    """Median wall seconds of `reps` calls `step(params)` (`params` a tuple: `step(*params)`)
+    after two warm-up calls."""
     import jax
 
+    args = params if isinstance(params, tuple) else (params,)
     for _ in range(2):
-        jax.block_until_ready(step(params))
+        jax.block_until_ready(step(*args))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(step(params))
+        jax.block_until_ready(step(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -226,3 +226,151 @@ def test_only_the_visible_key_blocks_are_visited():
     np.testing.assert_array_equal(lo, [0, 0, 0, 1])
     np.testing.assert_array_equal(hi, [1, 2, 3, 4])
     np.testing.assert_array_equal(qhi, [3, 4, 4, 4])
+
+
+# Pallas TPU kernels, run on CPU in Pallas' TPU interpret mode. Same tolerance as above: the
+# kernels accumulate the same float32 terms block by block with a running maximum. Padding
+# rows are compared nowhere: there each padding token attends to itself only (its own segment
+# id), where the dense mask lets a right-padding query see the real keys; no real token reads
+# those rows (their cotangent is zero here, as a masked loss makes it).
+PALLAS = ["pallas_splash", "pallas_flash"]
+
+
+@pytest.mark.parametrize("kernel", PALLAS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pallas_kernels_match_dense_in_interpret_mode(case, kernel):
+    from alignjax.models.pallas_attention import pallas_attention
+
+    valid, segments, window = CASES[case]()
+    q, k, v, ct = inputs(4, 2)
+    real = jnp.asarray(valid[:, :, None, None])
+    kw = dict(key_valid=jnp.asarray(valid), window=window, kernel=kernel, interpret=True)
+    if segments is not None:
+        kw["segment_ids"] = jnp.asarray(segments)
+    if kernel == "pallas_flash" and window is not None:
+        with pytest.raises(ValueError, match="no sliding window"):
+            pallas_attention(q, k, v, **kw)
+        return
+    mask = dense_mask(valid, segments, window)
+    got_out, got_grads = value_and_grads(lambda *a: pallas_attention(*a, **kw), q, k, v, ct * real)
+    want_out, want_grads = value_and_grads(
+        lambda *a: models.grouped_query_attention(*a, mask), q, k, v, ct * real
+    )
+    np.testing.assert_allclose(got_out * real, want_out * real, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip("qkv", got_grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
+    assert np.abs(np.asarray(got_grads[1])).max() > 0.1
+
+
+def test_pallas_implementations_need_a_tpu():
+    from alignjax.models.attention import attention_masks
+
+    q, k, v, _ = inputs(4, 2)
+    mask = attention_masks(jnp.ones((B, T), jnp.int32), None, "pallas_splash")
+    for kernel in PALLAS:
+        with pytest.raises(ValueError, match=f'"{kernel}".*needs a TPU'):
+            models.attention(q, k, v, mask, implementation=kernel, causal=True)
+
+
+@pytest.mark.parametrize("batch", ["padded", "packed"])
+def test_llama_pallas_splash_equals_grouped_in_interpret_mode(models_pair, batch, monkeypatch):
+    """The model's wiring of "pallas_splash" (2-D masks, GQA, T = 150 padded to 256), run in
+    interpret mode on CPU: logits at real tokens, the masked loss and every parameter gradient."""
+    from functools import partial
+    from importlib import import_module
+
+    from alignjax.models.pallas_attention import pallas_attention
+
+    # `alignjax.models.attention` the module (the package's `attention` is the function)
+    attention_module = import_module("alignjax.models.attention")
+    monkeypatch.setattr(
+        attention_module, "pallas_attention", partial(pallas_attention, interpret=True)
+    )
+    cfg = models.LlamaConfig(**{**CFG.__dict__, "attention_implementation": "pallas_splash"})
+    pallas = models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    ids, mask, seg = (None if x is None else jnp.asarray(x) for x in model_batches()[batch])
+    (l0, z0, g0), (l1, z1, g1) = (
+        masked_loss_and_grads(m, ids, mask, seg) for m in (models_pair[0], pallas)
+    )
+    real = np.asarray(mask, bool)[..., None]
+    np.testing.assert_allclose(z1 * real, z0 * real, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def masked_loss_and_grads(model, ids, mask, seg):
+    """(masked next-token loss, logits, parameter gradients), jitted."""
+    graphdef, params = nnx.split(model)
+
+    def objective(params):
+        m = nnx.merge(graphdef, params)
+        logits = m.logits(m(ids, mask, segment_ids=seg).last_hidden_state)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+        return jnp.sum(nll * mask[:, 1:]) / jnp.sum(mask[:, 1:]), logits
+
+    (loss, logits), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
+    return loss, logits, grads
+
+
+def test_attention_applies_the_window_on_both_paths():
+    """`attention(..., window=)`: "blockwise" on the 2-D mask against "grouped" on the 4-D one
+    with the window band, values and gradients, on left / right padded rows."""
+    from alignjax.models.attention import attention_masks
+
+    valid, window = left_right_padding(), 10
+    q, k, v, ct = inputs(4, 2)
+    seq = attention_masks(jnp.asarray(valid, jnp.int32), None, "blockwise")
+    dense = attention_masks(jnp.asarray(valid, jnp.int32), None, "grouped")
+
+    def run(implementation, mask):
+        def fn(q, k, v):
+            return models.attention(
+                q, k, v, mask, implementation=implementation, causal=True, window=window
+            )
+
+        return value_and_grads(fn, q, k, v, ct)
+
+    (got, got_grads), (want, want_grads) = run("blockwise", seq), run("grouped", dense)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    no_window = models.grouped_query_attention(q, k, v, dense)
+    assert np.abs(np.asarray(no_window - want)).max() > 1e-2  # the window changed the output
+
+
+def test_llama_blockwise_applies_the_mistral_sliding_window(monkeypatch):
+    """A Mistral config with `sliding_window` 40 and rows of 150 tokens: "blockwise" runs past
+    the window (the dense paths refuse it) and equals the dense path with the window band,
+    logits and every parameter gradient; the window changes the logits."""
+    import alignjax.models.config as config_module
+
+    base = {**CFG.__dict__, "model_type": "mistral", "sliding_window": 40}
+    blockwise = models.LlamaForCausalLM(
+        models.LlamaConfig(**{**base, "attention_implementation": "blockwise"}), rngs=nnx.Rngs(0)
+    )
+    grouped = models.LlamaForCausalLM(
+        models.LlamaConfig(**{**base, "attention_implementation": "grouped"}), rngs=nnx.Rngs(0)
+    )
+    ids, mask, _ = (None if x is None else jnp.asarray(x) for x in model_batches()["padded"])
+    with pytest.raises(ValueError, match="sliding window 40"):
+        grouped(ids, mask)
+    # The reference: the dense path, whose `attention` applies the same window band, let past
+    # the length check for this comparison.
+    monkeypatch.setattr(config_module, "WINDOWED_IMPLEMENTATIONS", ("blockwise", "grouped"))
+    (l0, z0, g0), (l1, z1, g1) = (
+        masked_loss_and_grads(m, ids, mask, None) for m in (grouped, blockwise)
+    )
+    np.testing.assert_allclose(z1, z0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    full = models.LlamaForCausalLM(
+        models.LlamaConfig(**{**CFG.__dict__, "attention_implementation": "blockwise"}),
+        rngs=nnx.Rngs(0),
+    )
+    _, z_full, _ = masked_loss_and_grads(full, ids, mask, None)
+    assert np.abs(np.asarray(z_full - z1)).max() > 1e-4
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="sliding window 40"):  # the KV-cache decode refuses
+        models.generate(blockwise, ids[:, :38], mask[:, :38], max_new_tokens=3)

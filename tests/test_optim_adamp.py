@@ -277,6 +277,9 @@ def numpy_projection(w, g, u, axis, delta=0.1, wd_ratio=0.1, eps=1e-8):
         ((19, 37), 1, "channel"),  # 2 blocks of ROW_BLOCK rows and a remainder of 3
         ((5, 4099), 1, "layer"),
         ((4099, 3), 0, "channel"),
+        ((300, 64), 0, "channel"),  # rows summed in LANES partial sums first; 10 blocks of 30
+        ((300, 48), 0, "layer"),  # 16 partial sums per row
+        ((300, 64), 0, "none"),
         ((3, 3, 2, 5), 3, "channel"),
         ((4, 6, 5), 1, "channel"),  # a middle channel axis
         ((6, 7), 1, "none"),

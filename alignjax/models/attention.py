@@ -1,8 +1,8 @@
 """Attention for the Llama-family decoder: grouped-query attention (each KV head's query heads
 stacked into one matmul, no repeated K/V), causal block skipping, `jax.nn.dot_product_attention`
-/ cuDNN / the memory-efficient `blockwise_attention` behind one switch, rotary position
-embeddings (with llama3 scaling), the padding / packed-segment masks (4-D, or 2-D for
-"blockwise") and default positions."""
+/ cuDNN / the memory-efficient `blockwise_attention` / JAX's Pallas TPU kernels behind one
+switch, rotary position embeddings (with llama3 scaling), the padding / packed-segment masks
+(4-D, or 2-D for "blockwise" and the Pallas kernels), sliding windows and default positions."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from alignjax.models.flash_attention import SequenceMask, blockwise_attention
+from alignjax.models.pallas_attention import PALLAS_IMPLEMENTATIONS, pallas_attention
 
 if TYPE_CHECKING:
     from alignjax.models.llama import LlamaConfig
@@ -76,12 +77,32 @@ def causal_attention(
     )
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "grouped", "jax", "cudnn", "blockwise")
+ATTENTION_IMPLEMENTATIONS = (
+    "auto",
+    "grouped",
+    "jax",
+    "cudnn",
+    "blockwise",
+    *PALLAS_IMPLEMENTATIONS,
+)
+# The implementations that take the 2-D `SequenceMask` for a full sequence, and those of them
+# that skip the keys outside a sliding window (the model's forward lets them run past it).
+SEQUENCE_MASK_IMPLEMENTATIONS = ("blockwise", *PALLAS_IMPLEMENTATIONS)
+WINDOWED_IMPLEMENTATIONS = ("blockwise", "pallas_splash")
 
 
-def attention(q, k, v, mask, *, implementation: str = "auto", causal: bool = False):
+def _window_band(t: int, window: int) -> jax.Array:
+    """[1, 1, T, T]: key j within the causal window of query i (i - window < j)."""
+    i = jnp.arange(t)
+    return (i[:, None] - window < i[None, :])[None, None]
+
+
+def attention(
+    q, k, v, mask, *, implementation: str = "auto", causal: bool = False, window: int | None = None
+):
     """Masked grouped-query attention by `implementation`, with `mask` a dense [B, 1, T, S]
-    boolean array or (for "blockwise") a `SequenceMask` (`attention_masks` builds either):
+    boolean array or (for "blockwise" and the Pallas kernels) a `SequenceMask`
+    (`attention_masks` builds either):
 
     - "grouped": `causal_attention` (when `causal`, i.e. queries and keys are the same T
       positions) or `grouped_query_attention`: plain XLA, the fastest here on CPU.
@@ -92,19 +113,32 @@ def attention(q, k, v, mask, *, implementation: str = "auto", causal: bool = Fal
     - "blockwise": `blockwise_attention` (key/value blocks, online softmax, recomputing
       backward: O(T * block) memory instead of O(T^2)) when `mask` is a `SequenceMask` and
       `causal`; given a dense mask (the KV-cache decode steps) it falls back to "auto".
+    - "pallas_splash" / "pallas_flash": JAX's Pallas TPU kernels (`pallas_attention`), TPU
+      only (a ValueError elsewhere), for a `SequenceMask` and `causal`; given a dense mask they
+      fall back to "auto" as "blockwise" does. Tested in Pallas' interpret mode on CPU only.
     - "auto": "grouped" on CPU, "jax" elsewhere.
 
-    All of them are exact up to float rounding (tests compare "grouped" with "jax" and
-    "blockwise").
+    `window`: a causal sliding window (key j visible to query i only if i - window < j), as
+    Mistral's `sliding_window`, for causal self-attention (T == S); ignored otherwise (the
+    KV-cache decode path, which `LlamaConfig.check_length` keeps within the window).
+    "pallas_flash" has none (a ValueError if it would matter).
+
+    All of them are exact up to float rounding (tests compare "grouped" with "jax",
+    "blockwise" and, in interpret mode, the Pallas kernels).
     """
-    if implementation == "blockwise":
+    if implementation in SEQUENCE_MASK_IMPLEMENTATIONS:
         if isinstance(mask, SequenceMask):
             if not causal:
-                raise ValueError('"blockwise" attention with a `SequenceMask` must be causal')
-            return blockwise_attention(
-                q, k, v, key_valid=mask.key_valid, segment_ids=mask.segment_ids, causal=True
-            )
+                raise ValueError(
+                    f'"{implementation}" attention with a `SequenceMask` must be causal'
+                )
+            masks = dict(key_valid=mask.key_valid, segment_ids=mask.segment_ids, window=window)
+            if implementation == "blockwise":
+                return blockwise_attention(q, k, v, causal=True, **masks)
+            return pallas_attention(q, k, v, kernel=implementation, **masks)
         implementation = "auto"
+    if causal and window is not None and q.shape[1] > window:
+        mask = mask & _window_band(q.shape[1], window)
     if implementation == "auto":
         implementation = "grouped" if jax.default_backend() == "cpu" else "jax"
     if implementation == "grouped":
@@ -131,9 +165,9 @@ def attention_masks(
     attention_mask: jax.Array, segment_ids: jax.Array | None, implementation: str
 ) -> jax.Array | SequenceMask:
     """The mask `attention(..., implementation=implementation, causal=True)` takes for a full
-    sequence: the 2-D `SequenceMask` for "blockwise" (never a [B, 1, T, T] array), else
-    `attention_mask_4d`."""
-    if implementation == "blockwise":
+    sequence: the 2-D `SequenceMask` for "blockwise" and the Pallas kernels (never a
+    [B, 1, T, T] array), else `attention_mask_4d`."""
+    if implementation in SEQUENCE_MASK_IMPLEMENTATIONS:
         return SequenceMask(attention_mask.astype(bool), segment_ids)
     return attention_mask_4d(attention_mask, segment_ids)
 

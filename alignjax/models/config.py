@@ -8,7 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from alignjax.models.attention import ATTENTION_IMPLEMENTATIONS
+from alignjax.models.attention import ATTENTION_IMPLEMENTATIONS, WINDOWED_IMPLEMENTATIONS
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -41,7 +41,7 @@ class LlamaConfig:
     qkv_bias: bool = False
     mlp_bias: bool = False
     model_type: str = "llama"
-    sliding_window: int | None = None  # Mistral / Qwen2: see `check_length`
+    sliding_window: int | None = None  # Mistral / Qwen2: see `attention_window`, `check_length`
     # Not a transformers field: how attention is computed (`attention`); never written to HF.
     attention_implementation: str = "auto"
 
@@ -105,14 +105,35 @@ class LlamaConfig:
             kw.pop("head_dim", None)
         return cls(**kw)
 
-    def check_length(self, length: int) -> None:
-        """Sliding-window attention is not implemented: within the window it equals full causal
-        attention, so sequences up to the window are exact and longer ones are refused."""
-        if self.sliding_window is not None and length > self.sliding_window:
-            raise ValueError(
-                f"sequence length {length} exceeds the sliding window {self.sliding_window} of "
-                f"this {self.model_type} config; sliding-window attention is not implemented"
-            )
+    @property
+    def attention_window(self) -> int | None:
+        """The causal sliding window every layer applies: Mistral's `sliding_window`. Qwen2's
+        applies to the layers from `max_window_layers` on only, which this config does not
+        describe, so it stays None there (and `check_length` keeps such rows in the window)."""
+        return self.sliding_window if self.model_type == "mistral" else None
+
+    def check_length(self, length: int, *, full_sequence: bool = False) -> None:
+        """Refuse rows longer than a sliding window where it is not applied: within the window
+        it equals full causal attention, so rows up to the window are exact everywhere. Past
+        it, only the model's forward over a full sequence (`full_sequence`) with an
+        implementation that skips the keys outside the window ("blockwise",
+        "pallas_splash") and a Mistral window (`attention_window`) computes it; the dense
+        paths and the KV-cache decode refuse such rows."""
+        window = self.sliding_window
+        if window is None or length <= window:
+            return
+        if (
+            full_sequence
+            and self.attention_window is not None
+            and self.attention_implementation in WINDOWED_IMPLEMENTATIONS
+        ):
+            return
+        raise ValueError(
+            f"sequence length {length} exceeds the sliding window {window} of this "
+            f"{self.model_type} config; past the window, sliding-window attention is applied "
+            f"only by the forward pass of a Mistral config with attention_implementation in "
+            f"{WINDOWED_IMPLEMENTATIONS}"
+        )
 
     @property
     def rope(self) -> dict | None:

@@ -78,7 +78,7 @@ class Attention(nnx.Module):
         self.v_proj = _linear(d, cfg.kv_heads * hd, qkv_bias, lin, rngs)
         self.o_proj = _linear(cfg.num_attention_heads * hd, d, cfg.attention_bias, lin, rngs)
         self.heads, self.kv, self.hd = cfg.num_attention_heads, cfg.kv_heads, hd
-        self.implementation = cfg.attention_implementation
+        self.implementation, self.window = cfg.attention_implementation, cfg.attention_window
 
     def __call__(self, x, positions, mask, inv_freq, cache=None):
         """`cache`: None, or (k_cache, v_cache, index) with [B, S, kv, hd] buffers: the new keys
@@ -90,7 +90,8 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         impl = self.implementation
         if cache is None:
-            out, new_cache = attention(q, k, v, mask, implementation=impl, causal=True), None
+            out = attention(q, k, v, mask, implementation=impl, causal=True, window=self.window)
+            new_cache = None
         else:
             k_cache, v_cache, index = cache
             k_cache = jax.lax.dynamic_update_slice_in_dim(
@@ -299,7 +300,8 @@ class LlamaForCausalLM(nnx.Module):
 
         Raises:
           ValueError: `input_ids` is not 2-D, `attention_mask` has another shape, or T exceeds
-            a Mistral / Qwen2 sliding window (`LlamaConfig.check_length`).
+            a Mistral / Qwen2 sliding window where it is not applied (`LlamaConfig.check_length`:
+            a Mistral window is, by "blockwise" and "pallas_splash").
         """
         if input_ids.ndim != 2:
             raise ValueError(f"`input_ids` must be [B, T], got shape {input_ids.shape}")
@@ -309,7 +311,7 @@ class LlamaForCausalLM(nnx.Module):
             raise ValueError(
                 f"`attention_mask` must have shape {input_ids.shape}, got {attention_mask.shape}"
             )
-        self.config.check_length(input_ids.shape[1])
+        self.config.check_length(input_ids.shape[1], full_sequence=True)
         if positions is None:
             positions = default_positions(attention_mask, segment_ids)
         mask = attention_masks(attention_mask, segment_ids, self.config.attention_implementation)

@@ -341,6 +341,7 @@ def run_overrides(files, out_dir, steps):
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # a float64 model forward (suite budget)
 def test_probe_step_against_dense_float64(files, tmp_path):
     cfg = C.load_config(None, run_overrides(files, tmp_path / "p", 2))
     session = trainer.setup(cfg)

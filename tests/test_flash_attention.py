@@ -237,7 +237,10 @@ PALLAS = ["pallas_splash", "pallas_flash"]
 
 
 @pytest.mark.parametrize("kernel", PALLAS)
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(
+    "case",  # the causal case in the everyday loop, the other masks with the slow set
+    [c if c == "causal" else pytest.param(c, marks=pytest.mark.slow) for c in sorted(CASES)],
+)
 def test_pallas_kernels_match_dense_in_interpret_mode(case, kernel):
     from alignjax.models.pallas_attention import pallas_attention
 
@@ -272,6 +275,7 @@ def test_pallas_implementations_need_a_tpu():
             models.attention(q, k, v, mask, implementation=kernel, causal=True)
 
 
+@pytest.mark.slow  # interpret mode through the whole model (suite budget)
 @pytest.mark.parametrize("batch", ["padded", "packed"])
 def test_llama_pallas_splash_equals_grouped_in_interpret_mode(models_pair, batch, monkeypatch):
     """The model's wiring of "pallas_splash" (2-D masks, GQA, T = 150 padded to 256), run in

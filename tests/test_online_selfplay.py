@@ -230,7 +230,10 @@ def descend(pi, m, beta):
     return jax.nn.log_softmax(theta), grad(theta, log_ref, rate, pi, beta)
 
 
-@pytest.mark.parametrize("eta", [0.1, 1.0, 1000.0])  # 1000 = the official 1/beta
+@pytest.mark.parametrize(
+    "eta",
+    [pytest.param(0.1, marks=pytest.mark.slow), pytest.param(1.0, marks=pytest.mark.slow), 1000.0],
+)  # 1000 = the official 1/beta; the others run with the slow set (suite budget)
 def test_fit_is_the_sppo_loss_minimiser(x64, eta):
     m, pi = rps(0.2), jnp.asarray(PI0)
     log_fit = jnp.log(online.tabular_sppo_fit(pi, m, eta))

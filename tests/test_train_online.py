@@ -76,6 +76,7 @@ def rollouts(model, layout):
     return r, OS.rollout_rows(r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
 
 
+@pytest.mark.slow  # suite budget
 def test_rows_align_sampler_and_reference_logps_with_the_labels(models_):
     policy, ref = models_
     r, rows = rollouts(policy, "grouped")
@@ -105,7 +106,13 @@ CASES = {  # name: (loss, kwargs, layout, with old log-probs, with reference, ac
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("case", list(CASES))
+FAST_CASES = ("grpo_kl_old", "online_dpo")  # the rest run with the slow set (suite budget)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c if c in FAST_CASES else pytest.param(c, marks=pytest.mark.slow) for c in CASES],
+)
 def test_step_matches_the_registered_loss_on_dense_logps(models_, case):
     loss, kw, layout, with_old, with_ref, accum = CASES[case]
     policy, ref_model = models_

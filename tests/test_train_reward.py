@@ -129,6 +129,7 @@ def dense_scores(state, params, batch):
     return (h[jnp.arange(h.shape[0]), last] @ kernel)[:, 0]
 
 
+@pytest.mark.slow  # a compiled train step / export (suite budget)
 def test_step_matches_the_loss_on_dense_scores():
     batch = first_batch(reward_rows(8))
     assert batch.margin is not None and float(batch.margin[3]) == 0.75
@@ -161,6 +162,7 @@ def test_step_matches_the_loss_on_dense_scores():
 # -- export and scorer -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a compiled train step / export (suite budget)
 def test_exported_scorer_matches_the_state(tmp_path):
     rows = reward_rows(6, margin=False)
     batch = first_batch(rows)

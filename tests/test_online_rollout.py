@@ -14,17 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_models import CFG  # the tiny GQA Llama the model tests use
 
 from alignjax import models, online
 
-CFG = models.LlamaConfig(
-    vocab_size=50,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
 # Left-padded prompts of lengths 2, 4 and 5.
 PROMPTS = np.array([[0, 0, 0, 11, 12], [0, 21, 22, 23, 24], [31, 32, 33, 34, 35]], np.int32)
 PROMPT_MASK = (np.arange(5)[None, :] >= np.array([3, 1, 0])[:, None]).astype(np.int32)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from alignjax.train.metrics import read_jsonl
+from experiments.stats import t975
 
 __all__ = [
     "aggregate",
@@ -32,18 +33,6 @@ __all__ = [
 ]
 
 
-T975 = {
-    1: 12.706,
-    2: 4.303,
-    3: 3.182,
-    4: 2.776,
-    5: 2.571,
-    6: 2.447,
-    7: 2.365,
-    8: 2.306,
-    9: 2.262,
-    10: 2.228,
-}  # Student's t 0.975 quantiles by degrees of freedom
 METRICS = ("reward", "bounded_reward", "kl", "positive_share", "mean_length")
 SCORES = {"reward": "gold reward (lexicon balance)", "bounded_reward": "bounded gold reward"}
 
@@ -53,7 +42,7 @@ def seed_interval(values) -> float | None:
     v = np.asarray(values, np.float64)
     if v.size < 2:
         return None
-    return float(T975.get(v.size - 1, 1.96) * v.std(ddof=1) / math.sqrt(v.size))
+    return float(t975(v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
 
 
 def _frontier(points: list[tuple[float, float]]):

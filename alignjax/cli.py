@@ -4,7 +4,8 @@
     alignjax eval --run runs/dpo [--step 200] [data.eval=path/to/test.jsonl]
     alignjax export --run runs/dpo [--out exported/] [--step 200]
     alignjax demo [--out runs/demo] [--quick]
-    alignjax dpo|sft|kto [--config recipe.yaml] [--trl_field value ...] [dotted.key=value ...]
+    alignjax dpo|sft|kto|reward|grpo|rloo|online-dpo [--config recipe.yaml] [--dry-run]
+             [--trl_field value ...] [dotted.key=value ...]
 
 `train` takes a YAML or Python config (`alignjax.train.config`; no file: the defaults) and
 dotted overrides; rerunning it on a run directory that has checkpoints resumes. `eval` and
@@ -14,10 +15,11 @@ adapters-disabled reference, and report the held-out reward accuracy (rerunning 
 `--out` resumes, so a finished demo only reprints its table). Bad configs exit with status 2 and
 a message naming the key (ALIGNJAX_DEBUG=1 shows the traceback instead).
 
-`dpo`, `sft` and `kto` run a TRL recipe unchanged (`alignjax.train.trl_recipe`): a TRL config
-file with TRL's field names and / or TRL's flags (`--beta 0.1 --loss_type sigmoid ipo
---loss_weights 0.8 0.2`), then alignjax's dotted overrides; the mapping is printed before the
-run (`--dry-run`: only printed).
+`dpo`, `sft`, `kto`, `reward`, `grpo`, `rloo` and `online-dpo` run a TRL recipe unchanged
+(`alignjax.train.trl_recipe`, `trl_online_recipe`): a TRL config file with TRL's field names and
+/ or TRL's flags (`--beta 0.1 --loss_type sigmoid ipo --loss_weights 0.8 0.2`, `--reward_funcs
+sentiment my_lib.rewards.f`), then alignjax's dotted overrides; the mapping is printed before
+the run (`--dry-run`: only printed).
 
 On Linux the `alignjax` command restarts itself once with `GLIBC_TUNABLES` set to keep freed
 memory in the heap (`GLIBC_HEAP`): XLA:CPU allocates a step's temporaries afresh every step, and
@@ -72,10 +74,12 @@ TRL_COMMANDS = ("dpo", "sft", "kto", "reward", "grpo", "rloo", "online-dpo")
 def _trl_main(command: str, argv: list[str]) -> int:
     """`alignjax <trl command> [--config FILE] [--dry-run] [--no-progress] [--flags] [k=v]`."""
     if any(a in ("-h", "--help") for a in argv):
-        from alignjax.train import trl_recipe
+        from alignjax.train import trl_online_recipe, trl_recipe
 
         print(__doc__.split("\n\n")[-1].strip())
         print(trl_recipe.__doc__)
+        if command in trl_online_recipe.TASKS:
+            print(trl_online_recipe.__doc__)
         return 0
     rest, config, dry, progress = [], None, False, True
     i = 0

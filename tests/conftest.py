@@ -60,6 +60,7 @@ def x64():
 _SLOW_FIRST = (
     "test_train_resume.py",
     "test_train_distributed.py",
+    "test_train_distributed_online.py",
     "test_benchmark_train_step.py",
     "test_notebooks.py",
     "test_train_trainer.py",

@@ -88,14 +88,15 @@ def worker_env() -> dict:
     return env
 
 
-def start_workers(out: Path, logs: Path) -> list[tuple[subprocess.Popen, Path]]:
+def start_workers(out: Path, logs: Path, worker=W) -> list[tuple[subprocess.Popen, Path]]:
+    """`worker.PROCESSES` copies of the worker module's script (default: distributed_worker)."""
     address = f"127.0.0.1:{free_port()}"
     workers = []
-    for pid in range(W.PROCESSES):
+    for pid in range(worker.PROCESSES):
         log = logs / f"worker{pid}.log"
         with open(log, "w") as f:
             proc = subprocess.Popen(
-                [sys.executable, str(HERE / "distributed_worker.py"), str(out), address, str(pid)],
+                [sys.executable, str(Path(worker.__file__).resolve()), str(out), address, str(pid)],
                 env=worker_env(),
                 cwd=HERE.parent,
                 stdout=f,
@@ -270,6 +271,14 @@ def test_single_process_fetch_is_numpy():
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(got))
     np.testing.assert_array_equal(got["a"], np.arange(4.0))
     assert got["b"][0].dtype == np.int32 and got["b"][0].shape == (2, 3)
+
+
+def test_single_process_gather_rows_keeps_dtypes():
+    rows = {"i": np.arange(3, dtype=np.int64) + 2**40, "x": np.full((3, 2), 0.1, np.float64)}
+    got = distributed.gather_rows(rows)
+    assert got["i"].dtype == np.int64 and got["x"].dtype == np.float64
+    np.testing.assert_array_equal(got["i"], rows["i"])
+    np.testing.assert_array_equal(got["x"], rows["x"])
 
 
 def test_docstring_examples_run(clean_env):

@@ -277,12 +277,6 @@ def test_every_trl_field_is_mapped_warned_or_refused(pairs, command):
     assert not silent, f"silently dropped TRL fields: {silent}"
 
 
-def test_not_yet_tasks_say_so():
-    for command in ("grpo", "reward", "online-dpo"):
-        with pytest.raises(ValueError, match="has no"):
-            R.from_trl(command, values={})
-
-
 def test_cli_dry_run_and_errors(tmp_path, pairs, capsys):
     recipe = write(tmp_path, f"dataset_name: {pairs}\nmax_steps: 2\nuse_vllm: true\n")
     assert cli.main(["dpo", "--config", str(recipe), "--dry-run", "--beta", "0.2",

@@ -187,8 +187,8 @@ def _check_prompts(prompt_ids, prompt_mask) -> None:
     for name, x in (("prompt_ids", prompt_ids), ("prompt_mask", prompt_mask)):
         if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
             raise ValueError(f"`{name}` must hold integers, got {jnp.result_type(x)}")
-    if not C.is_concrete(prompt_mask):
-        return
+    if not C.is_concrete(prompt_mask) or not getattr(prompt_mask, "is_fully_addressable", True):
+        return  # traced, or spread over several processes (not readable here)
     mask = np.asarray(prompt_mask)
     if not np.isin(mask, (0, 1)).all():
         raise ValueError("`prompt_mask` must be 0/1")

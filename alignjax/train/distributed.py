@@ -31,7 +31,9 @@ rows, so the global batch is `[c_0; r_0; c_1; r_1]`, one block per process;
 results back into the loss's layout `[c_0; c_1; r_0; r_1]` after the model (which is
 row-independent). Packed batches index their host's own rows: the trainer refuses them across
 processes (`data.packing=false`). Results that live on several processes' devices (evaluation
-outputs, the final state) are read with `fetch`, a collective.
+outputs, the final state) are read with `fetch`, a collective; `gather_rows` concatenates host
+(NumPy) rows of every process on every process (the rollout phase of `task: online` gathers its
+prompts and rewards so).
 
 Launch N copies with the coordinator address (process 0's host and a free port), N and each
 copy's index, as arguments or in the environment:
@@ -72,6 +74,7 @@ __all__ = [
     "initialize",
     "info",
     "fetch",
+    "gather_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -332,3 +335,23 @@ def fetch(tree):
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def gather_rows(tree):
+    """Every process's host rows concatenated in process order, on every process (a
+    collective; NumPy as it is in one process). Each leaf has the same shape on every process
+    and travels as its bytes, so int64 / float64 survive without `jax_enable_x64` (which
+    `process_allgather` would narrow to 32 bits)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        x = np.ascontiguousarray(x)
+        if x.ndim < 1:
+            raise ValueError(f"gather_rows needs a leading row axis, got shape {x.shape}")
+        raw = x.reshape(x.shape[0], -1).view(np.uint8)
+        got = np.ascontiguousarray(multihost_utils.process_allgather(raw, tiled=True))
+        return got.view(x.dtype).reshape(-1, *x.shape[1:])
+
+    return jax.tree.map(one, tree)

@@ -29,8 +29,27 @@ Every `log_every` steps the first `online.log_samples` rollouts go to `rollouts.
 
 Resume: the rollout key and the prompt position live in the state, so a resumed run repeats
 the uninterrupted one bitwise; with mu > 1 checkpoints fall on rollout boundaries
-(`checkpoint.every` a multiple of mu, validated). Multi-process runs are not supported yet:
-each process would sample its own prompts and gather the rewards before the advantages.
+(`checkpoint.every` a multiple of mu, validated).
+
+Several processes (`jax.distributed`, a mesh over every process's devices; not pmap). Each
+process's loader serves its slice of the step's prompts, as the offline loader splits rows,
+and the slices are gathered (`distributed.gather_rows`) into the global prompt batch, the
+1-process run's. The sampler then runs under the mesh like the training step: the policy's
+sharded parameters as they are, the rollout rows split over the batch axes, so each process's
+devices sample their block of rows (its own prompts' groups in the "grouped" layout), with
+the 1-process run's key on the same global rows: the same tokens (random bits, like every
+value of a jitted program, do not depend on how the arrays are sharded). Each process then
+scores on its host only the rows of its own prompts (a reward function sees its process's
+rows, as in TRL) and the scores are gathered. The host arrays of a rollout are small
+(`[N, P + C]` tokens and log-probs, fetched with `distributed.fetch`), so every process holds
+all of them: advantages with batch statistics (GRPO's `scale_rewards="batch"`, RLOO's
+normalisation), the metrics and the step's batch are computed by the 1-process code on the
+same values (groups never straddle processes: no group statistic needs a collective), and the
+batch goes to the devices in the 1-process row layout (`sharding.shard_global_batch`; the step
+needs no `row_blocks`). The evaluation gathers its prompts and scores the same way, and only
+process 0 writes `rollouts.jsonl`. Tested (tests/test_train_distributed_online.py): 2 processes
+x 2 CPU devices sample the 1-device run's tokens and rewards exactly, and match its losses and
+parameters to 1e-5 (measured: 1.2e-7 and 2.1e-7 of each leaf's largest entry).
 """
 
 from __future__ import annotations
@@ -55,6 +74,7 @@ from alignjax.train import hooks as H
 from alignjax.train import metrics as M
 from alignjax.train import sharding as SH
 from alignjax.train.data import raw_split
+from alignjax.train.distributed import fetch, gather_rows
 from alignjax.train.online_config import needs_reference
 from alignjax.train.online_step import (
     OnlineBatch,
@@ -125,12 +145,16 @@ class OnlinePhase:
     `phase(state, prompt_batch) -> (state, metrics)` is the loop's step function."""
 
     def __init__(self, session):
-        if jax.process_count() > 1:
-            raise NotImplementedError("task=online runs in one process (one device, a mesh "
-                                      "or pmap): sampling per process is not implemented "
-                                      "yet")  # fmt: skip
+        if jax.process_count() > 1 and not isinstance(session.placement, MeshPlacement):
+            raise ValueError("task=online with several processes runs on a mesh over every "
+                             "process's devices (mesh.pmap=false, mesh.devices=-1)")  # fmt: skip
         cfg = session.cfg
         self.session, self.cfg, self.o = session, cfg, cfg.online.resolved()
+        prompts = cfg.data.batch_size // self.o.num_generations
+        if prompts % jax.process_count():
+            raise ValueError(f"`data.batch_size` / `online.num_generations` = {prompts} prompts "
+                             f"a step do not split over {jax.process_count()} "
+                             "processes")  # fmt: skip
         self.placement, self.spec = session.placement, session.spec
         self.tokenizer = session.tokenizer
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -172,11 +196,15 @@ class OnlinePhase:
         divide), parameters like the state's."""
         p = self.placement
         if isinstance(p, MeshPlacement):
-            if rows:
+            if rows:  # every process holds the whole batch (module docstring)
                 n = int(np.prod([p.mesh.shape[a] for a in SH.BATCH_AXES]))
                 if all(np.shape(x)[0] % n == 0 for x in jax.tree.leaves(tree)):
-                    return SH.shard_batch(tree, p.mesh)
-                return tree
+                    return SH.shard_global_batch(tree, p.mesh)
+                if jax.process_count() == 1:
+                    return tree
+                return jax.device_put(
+                    tree, jax.sharding.NamedSharding(p.mesh, jax.sharding.PartitionSpec())
+                )
             return SH.shard_state(tree, p.mesh, SH.param_specs(tree, p.mesh))
         if isinstance(p, SingleDevice):
             return jax.device_put(tree, p.device)
@@ -196,8 +224,11 @@ class OnlinePhase:
     # ------------------------------------------------------------------ the rollout phase
 
     def sample(self, state, prompts, key, num_generations: int, layout: str) -> dict:
-        """Host arrays of `num_generations` rollouts of each prompt of a loader batch."""
+        """Host arrays of `num_generations` rollouts of each prompt of the global batch of
+        which `prompts` is this process's loader slice (every process gets all rows)."""
         ids, mask = left_padded(prompts, self.pad_id)
+        ids, mask, rows, valid = gather_rows((ids, mask, np.asarray(prompts.rows),
+                                              np.asarray(prompts.valid)))  # fmt: skip
         prompt, _ = row_indices(ids.shape[0], num_generations, layout)
         ids, mask = ids[prompt], mask[prompt]
         o = self.o
@@ -205,12 +236,12 @@ class OnlinePhase:
                     max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_k=o.top_k,
                     top_p=o.top_p, stop_tokens=tuple(self.stop_tokens), pad_id=self.pad_id,
                     logps_mode="temperature")  # fmt: skip
-        out = jax.device_get((r.completion_ids, r.completion_mask, r.missing_eos, r.logps))
+        out = fetch((r.completion_ids, r.completion_mask, r.missing_eos, r.logps))
         names = ("completion_ids", "completion_mask", "missing_eos", "logps")
-        rows = np.asarray(prompts.rows)[prompt]  # a padding example's row is -1
+        rows = rows[prompt]  # a padding example's row is -1
         rows = np.where(rows >= 0, rows, rows.max())
         return dict(zip(names, map(np.asarray, out)), prompt_ids=ids, prompt_mask=mask,
-                    rows=rows)  # fmt: skip
+                    rows=rows, prompt_index=prompt, valid=valid[prompt])  # fmt: skip
 
     def score(self, s: dict, source: str, *, penalty: bool = True) -> tuple[Scores, list, list]:
         """`(scores, prompts, completions)` of sampled rows: the raw dataset's prompts and
@@ -231,6 +262,39 @@ class OnlinePhase:
         if len(o.rewards) == len(scores.names):  # metrics under the config's names
             scores = scores._replace(names=tuple(o.rewards))
         return scores, prompts, completions
+
+    def score_rows(self, s: dict, source: str, *, penalty: bool = True) -> Scores:
+        """The scores of every row of a sample: each process scores the rows of its own
+        prompts (its loader slice) and the scores are gathered in row order."""
+        count = jax.process_count()
+        if count == 1:
+            return self.score(s, source, penalty=penalty)[0]
+        per = (int(s["prompt_index"].max()) + 1) // count  # prompts a process loaded
+        mine = np.flatnonzero(s["prompt_index"] // per == jax.process_index())
+        keys = ("rows", "completion_ids", "completion_mask", "missing_eos")
+        local, _, _ = self.score({k: s[k][mine] for k in keys}, source, penalty=penalty)
+        order, per_fn, total = gather_rows((mine, local.per_function, local.total))
+        out_fn, out_total = np.empty_like(per_fn), np.empty_like(total)
+        out_fn[order], out_total[order] = per_fn, total
+        return local._replace(per_function=out_fn, total=out_total)
+
+    def records(self, s: dict, scores: Scores, adv, step: int) -> list:
+        """The first `online.log_samples` rollouts as `rollouts.jsonl` records (process 0)."""
+        n = min(self.o.log_samples, len(adv)) if jax.process_index() == 0 else 0
+        if n == 0:
+            return []
+        prompt_column = dict(self.cfg.data.columns).get("prompt", "prompt")
+        raw = self.raw_prompts(self.cfg.data.train)
+        prompts = raw[[int(r) for r in s["rows"][:n]]][prompt_column]
+        completions = decode_completions(self.tokenizer, s["completion_ids"][:n],
+                                         s["completion_mask"][:n],
+                                         conversational=self.conversational)  # fmt: skip
+        return [
+            {"step": step + 1, "prompt": prompts[i], "completion": completions[i],
+             "reward": None if np.isnan(scores.total[i]) else float(scores.total[i]),
+             "advantage": float(adv[i])}
+            for i in range(n)
+        ]  # fmt: skip
 
     def advantages(self, scores: Scores, s: dict, ref_completion) -> tuple[np.ndarray, dict]:
         """Per-row advantages of the whole batch and the reward metrics."""
@@ -276,8 +340,8 @@ class OnlinePhase:
             ref = reference_logps(policy, self.ref_params, self._put(tokens),
                                   adapters_off=self.adapters_off,
                                   temperature=spec.temperature)  # fmt: skip
-            ref = np.asarray(jax.device_get(ref))
-        scores, texts_in, texts_out = self.score(s, self.cfg.data.train, penalty=not self.dpo)
+            ref = np.asarray(fetch(ref))
+        scores = self.score_rows(s, self.cfg.data.train, penalty=not self.dpo)
         ref_completion = None if ref is None else ref[:, p - 1 : p - 1 + c]
         adv, metrics = self.advantages(scores, s, ref_completion)
         metrics.update(completion_metrics(s["completion_mask"], s["missing_eos"]))
@@ -291,13 +355,11 @@ class OnlinePhase:
                       contains_eos=~s["missing_eos"], old_logps=old,
                       ref_logps=ref if spec.reference == "precomputed" else None)  # fmt: skip
         batch = online_batch(fields, pairs=self.dpo, accum=self.cfg.optim.grad_accum)
-        samples = [
-            {"step": step + 1, "prompt": texts_in[i], "completion": texts_out[i],
-             "reward": None if np.isnan(scores.total[i]) else float(scores.total[i]),
-             "advantage": float(adv[i])}
-            for i in range(min(o.log_samples, len(texts_out)))
-        ]  # fmt: skip
-        return Generation(step, self.placement.put_batch(batch), metrics, samples,
+        if jax.process_count() > 1:  # every host holds the whole batch
+            placed = SH.shard_global_batch(batch, self.placement.mesh)
+        else:
+            placed = self.placement.put_batch(batch)
+        return Generation(step, placed, metrics, self.records(s, scores, adv, step),
                           int(mask.sum()))  # fmt: skip
 
     def __call__(self, state, prompts):
@@ -334,8 +396,8 @@ class OnlinePhase:
             if self.cfg.eval_batches is not None and k >= self.cfg.eval_batches:
                 break
             s = self.sample(policy, batch, jax.random.fold_in(base, k), 1, "grouped")
-            keep = np.asarray(batch.valid) != 0
-            scores, _, _ = self.score(s, self._eval_source(), penalty=not self.dpo)
+            keep = s["valid"] != 0
+            scores = self.score_rows(s, self._eval_source(), penalty=not self.dpo)
             per_fn.append(scores.per_function[keep])
             totals.append(scores.total[keep])
             masks.append(s["completion_mask"][keep])

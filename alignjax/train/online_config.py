@@ -51,8 +51,10 @@ class OnlineConfig:
       top_k, top_p: sampling filters (None: off, TRL's 0 / 1.0).
       stop_tokens: ids ending a completion; None: the tokenizer's EOS ([]: none).
       rewards: reward function names (`online.REWARDS`; a module in `imports` may register
-        more), called as TRL calls them: `fn(prompts, completions, completion_ids=..., **columns)`
-        with the dataset's other columns; `reward_weights` (None: all 1).
+        more), dotted import paths, or `reward_model:<path>` for a reward model trained by
+        alignjax (`online.rewards` module docstring), called as TRL calls them:
+        `fn(prompts, completions, completion_ids=..., **columns)` with the dataset's other
+        columns; `reward_weights` (None: all 1).
       missing_eos_penalty: subtracted from the reward of a completion without a stop token.
       scale_rewards: GRPO's "group" / "batch" / "none".
       epsilon, epsilon_high: the clipped ratio's bounds (epsilon_high None: epsilon).
@@ -119,11 +121,11 @@ def _positive(key: str, value, *, integer: bool = False, allow_none: bool = Fals
 
 def validate_online(cfg) -> None:
     """`task: online`'s keys against each other and the rest of the run (a ValueError names the
-    key). Reward names are checked against `online.REWARDS` after `imports` ran."""
+    key). Reward names are checked (`online.rewards.check_reward`) after `imports` ran."""
     from alignjax.losses.advantages import SCALE_REWARDS
     from alignjax.losses.online_dpo import ONLINE_DPO_LOSS_TYPES
     from alignjax.losses.policy_gradient import IS_LEVELS, LOSS_TYPES
-    from alignjax.online.rewards import REWARDS
+    from alignjax.online.rewards import check_reward
 
     o = cfg.online.resolved()
     g = o.num_generations
@@ -160,10 +162,10 @@ def validate_online(cfg) -> None:
     if not o.rewards:
         raise ValueError("`online.rewards` is empty: name at least one reward function")
     for i, name in enumerate(o.rewards):
-        if name not in REWARDS:
-            raise ValueError(f"`online.rewards[{i}]` {name!r} is not a registered reward function; "
-                             f"available: {sorted(REWARDS)} (register more with "
-                             "online.register_reward in a module listed in `imports`)")  # fmt: skip
+        try:
+            check_reward(name)
+        except ValueError as err:
+            raise ValueError(f"`online.rewards[{i}]` {err}") from None
     if o.reward_weights is not None and len(o.reward_weights) != len(o.rewards):
         raise ValueError(f"`online.reward_weights` needs one weight per reward function "
                          f"({len(o.rewards)}), got {len(o.reward_weights)}")  # fmt: skip

@@ -14,8 +14,9 @@ unchanged: the forward pass and fused LM head at the sampling temperature
 Micro-batches (`optim.grad_accum` = A): the rows are split into A consecutive blocks, each laid
 out like a whole batch: groups of G rows stay together (GRPO, RLOO, REINFORCE), and Online DPO's
 `[first samples; second samples]` becomes A blocks of `[first; second]` of their own prompts.
-Online DPO batches count pairs in `valid` (`[N / 2]`), so pmap and multi-process layouts split
-and reorder them as paired batches (`placement.split_batch_for_pmap`, `StepSpec.row_blocks`).
+Online DPO batches count pairs in `valid` (`[N / 2]`), so pmap splits them as paired batches
+(`placement.split_batch_for_pmap`). Several processes place the whole batch in this layout
+(every process holds it, `train.online`), so the step needs no `StepSpec.row_blocks`.
 
 The reference's log-probs are computed once per rollout (`reference_logps`, no gradient), at
 the same temperature as the policy's in the step, from a frozen copy of the initial policy or
@@ -161,7 +162,6 @@ def online_spec(cfg) -> StepSpec:
         loss_kwargs=kwargs,
         reference="precomputed" if needs_reference(o) else "none",
         temperature=1.0 if o.method == "online_dpo" else float(o.temperature),
-        row_blocks=jax.process_count(),
     )
 
 

@@ -67,6 +67,7 @@ __all__ = [
     "param_specs",
     "replicate",
     "shard_batch",
+    "shard_global_batch",
     "shard_state",
     "split_for_pmap",
     "state_shardings",
@@ -311,6 +312,29 @@ def shard_batch(batch, mesh: Mesh):
         global_shape = (x.shape[0] // local_shards * n_batch, *x.shape[1:])
         sharding = NamedSharding(mesh, batch_spec(x.ndim))
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+    return jax.tree_util.tree_map_with_path(one, batch)
+
+
+def shard_global_batch(batch, mesh: Mesh):
+    """Host arrays that every process holds whole (the global batch) -> global `jax.Array`s
+    laid out as `batch_spec` (`jax.device_put`: each process transfers its own devices'
+    shards). `shard_batch` takes each process's own rows instead; in one process they agree.
+
+    >>> mesh = make_mesh(data=-1)
+    >>> x = shard_global_batch(np.arange(2 * mesh.size).reshape(mesh.size, 2), mesh)
+    >>> x.shape == (mesh.size, 2), x.sharding.spec
+    (True, P(('data', 'fsdp'), None))
+    """
+    n_batch = math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+    def one(keypath, leaf):
+        x = np.asarray(leaf)
+        name = path_string(keypath) or "batch"
+        if x.ndim < 1 or x.shape[0] % n_batch:
+            raise ValueError(f"batch leaf {name!r} of shape {x.shape}: the leading dimension "
+                             f"must be divisible by data x fsdp = {n_batch}")  # fmt: skip
+        return jax.device_put(x, NamedSharding(mesh, batch_spec(x.ndim)))
 
     return jax.tree_util.tree_map_with_path(one, batch)
 

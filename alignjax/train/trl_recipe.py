@@ -7,8 +7,10 @@
 
 A recipe is what `trl dpo --config recipe.yaml` reads: one flat YAML / JSON mapping of the
 fields of TRL's `ScriptArguments`, `ModelConfig`, `DatasetMixtureConfig` and the trainer's
-config (`DPOConfig`, `SFTConfig`, `KTOConfig`; an `env:` mapping sets environment variables,
-as TRL does), with command-line flags overriding the file. Every field TRL 1.16 has is known
+config (`DPOConfig`, `SFTConfig`, `KTOConfig`; `RewardConfig`, `GRPOConfig`, `RLOOConfig` and
+`OnlineDPOConfig` for `alignjax reward|grpo|rloo|online-dpo`, whose own rules are in
+`trl_online_recipe`; an `env:` mapping sets environment variables, as TRL does), with
+command-line flags overriding the file. Every field TRL 1.16 has is known
 (`trl_fields.json`, generated from TRL by `tests/reference/generate_trl_configs.py`), so:
 
 - a misspelt field is an error naming it and the closest valid name;
@@ -48,11 +50,12 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from alignjax.train import config as cfg_lib
+from alignjax.train import trl_online_recipe as _online
 
 __all__ = [
     "TRAINERS",
@@ -67,16 +70,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FIELDS_FILE = Path(__file__).with_name("trl_fields.json")
-TRAINERS = {"dpo": "paired", "sft": "sft", "kto": "unpaired"}
-NOT_YET = {  # TRL commands whose alignjax task does not exist yet
-    "reward": "a reward-model task (`task: reward`)",
-    # on-policy training exists (`alignjax train task=online online.method=...`); the mapping
-    # of these trainers' TRL fields to its `online:` section does not yet
-    "grpo": "mapping of GRPOConfig's fields (use `alignjax train task=online online.method=grpo`)",
-    "rloo": "mapping of RLOOConfig's fields (use `alignjax train task=online online.method=rloo`)",
-    "online-dpo": "mapping of OnlineDPOConfig's fields (use `alignjax train task=online "
-    "online.method=online_dpo`)",
-}
+TRAINERS = {"dpo": "paired", "sft": "sft", "kto": "unpaired", **_online.TASKS}
 LEGACY = {  # TRL <= 0.28 fields that recipes still carry
     "rpo_alpha": "dpo",
     "max_prompt_length": "dpo",
@@ -124,7 +118,7 @@ def trl_fields() -> dict:
 def _fields_of(command: str) -> dict[str, dict]:
     classes = trl_fields()["classes"]
     out = {}
-    for key in ("script", "model", "datasets", command):
+    for key in (_online.SCRIPT_CLASSES.get(command, "script"), "model", "datasets", command):
         out.update(classes[key]["fields"])
     return out
 
@@ -312,8 +306,12 @@ def _coerce(name: str, value, annotation: str):
             parts <= {"None", "NoneType", "bool", "int", "float", "dict", "dict[str, bool]"}
         ):
             return value  # str, enums (IntervalStrategy | str), list[str] (PEFT takes a str)
-    elif isinstance(value, list) and any(p.startswith("list") or "list[" in p for p in parts):
-        if "list[float]" in parts:
+    elif isinstance(value, list) and any(
+        p.startswith(("list", "tuple")) or "list[" in p for p in parts
+    ):
+        if parts & {"list[float]", "tuple[float, float]"}:  # RLOO's reward_clip_range: a pair
+            if "tuple[float, float]" in parts and len(value) != 2:
+                _fail(name, value, annotation)
             return _floats(name, value, annotation)
         return value
     elif isinstance(value, Mapping) and any(p.startswith("dict") for p in parts):
@@ -390,7 +388,18 @@ def _data_parallel_devices(overrides: Sequence[str]) -> int:
     return max(1, n // max(1, mesh.tensor))
 
 
-def _map_common(b: _Builder, task: str, devices: int) -> None:
+def _map_common(
+    b: _Builder,
+    task: str,
+    devices: int,
+    *,
+    rows_per_example: int = 1,
+    epoch_steps: Callable | None = None,
+    unit: str = "",
+) -> None:
+    """The fields every TRL trainer shares. A batch row counts `rows_per_example` examples
+    (Online DPO: a prompt is 2 completions); `epoch_steps(rows, per_step, accum)` replaces
+    transformers' optimizer steps per epoch (GRPO's RepeatSampler)."""
     b.set("task", task)
     # ---- model and tokenizer
     path = b.get("model_name_or_path")
@@ -451,7 +460,8 @@ def _map_common(b: _Builder, task: str, devices: int) -> None:
         b.set("data.eval", source)
         b.row("eval_strategy", f"data.eval = {source!r}")
         b.row("dataset_test_split", "data.eval (its split)")
-    b.put("max_length", "data.max_length")
+    if task != "online":  # prompt-only rows (trl_online_recipe)
+        b.put("max_length", "data.max_length")
     if "truncation_mode" in b.defaults or "truncation_mode" in b.given:
         b.put("truncation_mode", "data.truncation_mode")
     # ---- optimizer and schedule
@@ -490,9 +500,10 @@ def _map_common(b: _Builder, task: str, devices: int) -> None:
     b.put("gradient_accumulation_steps", "optim.grad_accum", accum)
     # ---- batch and steps
     per_device = int(b.get("per_device_train_batch_size"))
-    batch = per_device * devices * accum
+    batch = per_device * devices * accum * rows_per_example
     b.set("data.batch_size", batch)
     how = f"{per_device} x {devices} devices x {accum} accumulation"
+    how += f" x {rows_per_example}" * (rows_per_example > 1) + f"; {unit}" * bool(unit)
     b.row("per_device_train_batch_size", f"data.batch_size = {batch} ({how})")
     eval_batch = int(b.get("per_device_eval_batch_size")) * devices
     b.put("per_device_eval_batch_size", "data.eval_batch_size", eval_batch)
@@ -508,7 +519,8 @@ def _map_common(b: _Builder, task: str, devices: int) -> None:
             rows = _dataset_rows_shipped(task)
         else:
             rows = _dataset_rows(name, train_split, None)
-        per_epoch = _steps_per_epoch(b, rows, per_device * devices, accum)
+        count = epoch_steps or functools.partial(_steps_per_epoch, b)
+        per_epoch = count(rows, per_device * devices, accum)
         steps = math.ceil(epochs * per_epoch)
         b.row("num_train_epochs", f"steps = {steps} ({epochs:g} epochs x {per_epoch} steps of "
                                   f"{rows} rows)")  # fmt: skip
@@ -628,9 +640,12 @@ def _map_common(b: _Builder, task: str, devices: int) -> None:
         b.set("peft.kwargs", kwargs)
         b.row("lora_dropout", f"peft.kwargs.dropout = {drop}")
         b.used.update({"use_rslora", "use_dora"})
-        b.refuse_unless_default("lora_modules_to_save", "alignjax trains adapters only")
+        if task == "reward":  # the value head trains with the adapters
+            _online.reward_peft(b)
+        else:
+            b.refuse_unless_default("lora_modules_to_save", "alignjax trains adapters only")
+            b.refuse_unless_default("lora_task_type", "alignjax trains causal LMs")
         b.refuse_unless_default("lora_target_parameters", "alignjax adapts linear modules")
-        b.refuse_unless_default("lora_task_type", "alignjax trains causal LMs")
     else:
         for n in (
             "lora_r",
@@ -815,23 +830,29 @@ def from_trl(
 ) -> RecipeMapping:
     """A TRL recipe (file at `path`, then `flags`, or a `values` mapping) as a `TrainConfig`,
     then alignjax's dotted `overrides`; see the module docstring for the rules."""
-    if command in NOT_YET:
-        raise ValueError(f"`alignjax {command}`: alignjax has no {NOT_YET[command]} yet, so "
-                         f"TRL's {command} recipes cannot run here")  # fmt: skip
     if command not in TRAINERS:
         raise ValueError(f"unknown TRL command {command!r}; alignjax maps {sorted(TRAINERS)}")
     given = dict(read_recipe(path)) if path is not None else {}
     given.update(values or {})
     given.update(parse_flags(flags, command))
     _check_names(command, given)
+    given = _online.prepare(command, given)
     defaults = _fields_of(command)
     given = {
         k: _coerce(k, v, defaults[k]["type"]) if k in defaults else v for k, v in given.items()
     }
     b = _Builder(command, given, defaults)
     task = TRAINERS[command]
-    _map_common(b, task, _data_parallel_devices(overrides))
-    {"dpo": _map_dpo, "kto": _map_kto, "sft": _map_sft}[command](b)
+    for item in overrides:  # rewards / losses an `imports` override registers
+        if item.startswith("imports="):
+            cfg_lib.import_plugins(cfg_lib.apply_overrides(cfg_lib.TrainConfig(), [item]).imports)
+    devices = _data_parallel_devices(overrides)
+    _map_common(b, task, devices, **_online.batch_rules(b, command, devices))
+    if command in _online.METHODS:
+        _online.map_online(b, command)
+    else:
+        mappers = {"dpo": _map_dpo, "kto": _map_kto, "sft": _map_sft, "reward": _online.map_reward}
+        mappers[command](b)
     for name in sorted(set(given) - b.used):
         if name == "report_to" and given[name] in ("none", ["none"], [], None):
             b.rows.append((name, given[name], "given", "(no logging back-end: as alignjax)"))

@@ -1,14 +1,19 @@
-"""TRL 1.16.0's config fields and defaults, for `alignjax dpo / sft / kto --config recipe.yaml`.
+"""TRL 1.16.0's config fields and defaults, for `alignjax dpo|sft|kto|reward|grpo|rloo|online-dpo
+--config recipe.yaml`.
 
 `alignjax.train.trl_recipe` maps a TRL recipe onto a `TrainConfig` without importing TRL (it is
 not a runtime dependency), so the field names it accepts and TRL's defaults, which it applies
 where a recipe is silent, come from this file: it reads every dataclass field of the configs the
 `trl` command line parses (`ScriptArguments`, `ModelConfig`, `DatasetMixtureConfig` and each
-trainer's config, a `transformers.TrainingArguments` subclass) and writes
+trainer's config, a `transformers.TrainingArguments` subclass; `trl grpo` / `trl rloo` parse their
+own script arguments, `GRPOScriptArguments` / `RLOOScriptArguments`, which add `reward_funcs` and
+`reward_model_name_or_path`; Online DPO has no `trl` command in 1.16, its config is
+`trl.experimental.online_dpo.OnlineDPOConfig`) and writes
 `alignjax/train/trl_fields.json` (name -> default and annotation, per class; defaults are the
 dataclass defaults before `__post_init__`, which resolves e.g. `bf16=None` to `not fp16`; the
 mapping applies those resolutions itself). Run in a venv with torch==2.13.0 (CPU),
-trl==1.16.0 and transformers==5.23.0:
+trl==1.16.0 and transformers==5.23.0 (5.25.0 writes the same fields; `meta` records the
+version used):
 
     python tests/reference/generate_trl_configs.py
 """
@@ -32,6 +37,9 @@ from trl import (
     ScriptArguments,
     SFTConfig,
 )
+from trl.experimental.online_dpo import OnlineDPOConfig
+from trl.scripts.grpo import GRPOScriptArguments
+from trl.scripts.rloo import RLOOScriptArguments
 from trl.scripts.utils import DatasetMixtureConfig
 
 OUT = Path(__file__).resolve().parents[2] / "alignjax" / "train" / "trl_fields.json"
@@ -45,6 +53,9 @@ CLASSES = {
     "reward": RewardConfig,
     "grpo": GRPOConfig,
     "rloo": RLOOConfig,
+    "online-dpo": OnlineDPOConfig,
+    "grpo_script": GRPOScriptArguments,
+    "rloo_script": RLOOScriptArguments,
 }
 
 

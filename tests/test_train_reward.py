@@ -180,6 +180,15 @@ def test_exported_scorer_matches_the_state(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-5)
     scores = online.score([scorer], prompts, [r["chosen"] for r in rows])  # a reward function
     np.testing.assert_allclose(scores.total, want[:6], atol=1e-5)
+    # an empty completion (the policy stopped at once) is scored as prompt + EOS: the state's
+    # score of that row, tokenized by hand
+    tok = data.shipped_tokenizer()
+    ids = tok(prompts[0])["input_ids"] + [tok.eos_token_id]
+    batch = jax.tree.map(jnp.asarray, data.collate(
+        [{"row": 0, "input_ids": ids, "prompt_length": len(ids) - 1, "length": len(ids)}],
+        16, pad_id=tok.pad_token_id or 0, batch_size=1))  # fmt: skip
+    empty = dense_scores(state, state.params, batch)
+    np.testing.assert_allclose(scorer(prompts[:1], [""]), np.asarray(empty), atol=1e-5)
 
 
 # -- bad input ---------------------------------------------------------------------------------

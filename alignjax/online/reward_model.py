@@ -10,7 +10,8 @@ tokenizer, as every run) plus the value head and how the rows were tokenized:
 `reward_model_scorer(path)` loads them back as a reward function with TRL's signature
 `fn(prompts, completions, **kwargs) -> list[float]`: each (prompt, completion) is tokenized as
 the training pairs were (`data.encode_row`: prompt + completion + EOS for text, the chat
-template for conversational rows, the same truncation), right-padded, and scored by the value
+template for conversational rows, the same truncation; an empty completion, a policy that
+stopped at once, is prompt + EOS), right-padded, and scored by the value
 head at the last real token (`models.reward.sequence_scores`). Pass it where a reward function
 goes (`online.score([scorer], ...)`, or `online.register_reward("rm", scorer)` for a config).
 
@@ -104,8 +105,13 @@ def _encode(tokenizer, config, prompts, completions) -> list[dict]:
     rows = []
     for i, (p, c) in enumerate(zip(prompts, completions)):
         fmt = DataFormat("prompt_completion", conversational=isinstance(p, list))
+        # A policy may stop at once: an empty text completion is scored as prompt + EOS (a
+        # dataset row may not be empty, so the row check sees a placeholder).
+        empty = isinstance(c, str) and not c.strip()
         try:
-            record = normalize_row({"prompt": p, "completion": c}, i, fmt)
+            record = normalize_row({"prompt": p, "completion": "." if empty else c}, i, fmt)
+            if empty:
+                record = dict(record, completion=c)
             rows.append(encode_row(tokenizer, record, fmt, config, i))
         except RowError as err:
             raise ValueError(f"reward model scorer: completion {i}: {err}") from None

@@ -6,8 +6,8 @@ newly registered loss is covered automatically:
 * one compilation per input shape under jit;
 * finite values and gradients at +-1e4 log-ratios, with a zero-length completion in the batch,
   for beta from 1e-4 to 50;
-* a ValueError for beta <= 0 (< 0 for GRPO's and REINFORCE's KL weight; and label_smoothing
-  outside [0, 0.5) where it applies);
+* a ValueError for beta <= 0 (< 0 for GRPO's, REINFORCE's and Nash-MD's KL weight; and
+  label_smoothing outside [0, 0.5) where it applies);
 * under pmap over 8 devices with `axis_name` (where the loss takes it), per-example losses and
   the (sum, count) terms summed over devices equal the single-device result on the full batch.
 """
@@ -68,6 +68,9 @@ def inputs(rng, scale=1.0, dtype=jnp.float64):
     a["adv"] = rng.normal(0.0, 1.0, 2 * N)
     a["rewards"] = rng.normal(0.0, 1.0, 2 * N)
     a["eos"] = rng.random(2 * N) > 0.3
+    # Nash-MD: each row's opponent (a mixture sample) score and EOS flag
+    a["opp_rewards"] = rng.normal(0.0, 1.0, 2 * N)
+    a["opp_eos"] = rng.random(2 * N) > 0.3
     return {k: jnp.asarray(v, dtype if v.dtype.kind == "f" else None) for k, v in a.items()}
 
 
@@ -78,7 +81,8 @@ def build(name, a, pol):
     if name in ONLINE:
         old = None if name in ON_POLICY_ONLY else a["old"]
         return L.ScoredRolloutBatch(pol, a["m"], a["adv"], old, a["ref"], rewards=a["rewards"],
-                                    contains_eos=a["eos"])  # fmt: skip
+                                    contains_eos=a["eos"], opponent_rewards=a["opp_rewards"],
+                                    opponent_contains_eos=a["opp_eos"])  # fmt: skip
     if name in REWARD:  # a reward model's scores: here the masked sequence sums, with margins
         n, scores = pol.shape[0] // 2, jnp.sum(pol * a["m"], axis=-1)
         return L.RewardBatch(scores[:n], scores[n:], a["rewards"][:n])
@@ -117,9 +121,11 @@ def test_check_grads_x64(name, x64):
     a = inputs(np.random.default_rng(1))
     # BCO's default delta is this batch's (detached) mean reward, which finite differences would
     # move; a fixed delta, as in training, makes the loss a function of the log-probs alone.
-    # REINFORCE's KL-shaped reward is a stop-gradient function of the log-probs (a score-function
-    # estimator), which finite differences would differentiate: checked without the KL.
-    f = loss_of(name, a, delta=0.02, **({"beta": 0.0} if name == "reinforce_kl" else {}))
+    # REINFORCE's KL-shaped reward and Nash-MD's per-token KL weight are stop-gradient functions
+    # of the log-probs (score-function estimators), which finite differences would
+    # differentiate: checked without the KL.
+    no_kl = name in ("reinforce_kl", "nash_md")
+    f = loss_of(name, a, delta=0.02, **({"beta": 0.0} if no_kl else {}))
     check_grads(lambda p: f(p).loss, (a["pol"],), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
@@ -156,8 +162,8 @@ def test_invalid_hyperparameters(name):
     a = inputs(np.random.default_rng(4), dtype=jnp.float32)
     fn = L.get(name)
     if accepts(fn, "beta"):
-        # GRPO's and REINFORCE's beta is a KL weight: 0 turns the penalty off
-        for beta in (-0.1,) if name in ("grpo", "reinforce_kl") else (0.0, -0.1):
+        # GRPO's, REINFORCE's and Nash-MD's beta is a KL weight: 0 turns the penalty off
+        for beta in (-0.1,) if name in ("grpo", "reinforce_kl", "nash_md") else (0.0, -0.1):
             with pytest.raises(ValueError, match="beta"):
                 loss_of(name, a, beta=beta)(a["pol"])
     if accepts(fn, "label_smoothing") and name != "exo_pair":

@@ -2,8 +2,8 @@
 `loss_type` name, and weighted combinations. Families: the DPO family (every TRL
 1.16 loss type, f-divergences, WPO, LD-DPO), CPO/SimPO/AlphaPO, ORPO, KTO, BCO, SPPO, and the
 token-level TDPO, SparsePO, MaPO and token-wise constrained SFT; the unlearning losses GA,
-GradDiff, NPO and SimNPO on an `UnlearnBatch`; the on-policy GRPO, RLOO, REINFORCE-KL and online
-DPO on a `ScoredRolloutBatch` of sampled completions."""
+GradDiff, NPO and SimNPO on an `UnlearnBatch`; the on-policy GRPO, RLOO, REINFORCE-KL, online
+DPO, XPO and Nash-MD on a `ScoredRolloutBatch` of sampled completions."""
 
 from alignjax.losses import reference_free
 from alignjax.losses.advantages import (
@@ -51,6 +51,7 @@ from alignjax.losses.unpaired import (
     kto,
     update_reward_moments,
 )
+from alignjax.losses.xpo_nash import nash_md_loss, xpo_loss
 
 __all__ = [
     "FORMULAS",
@@ -113,6 +114,8 @@ __all__ = [
     "kl_k3",
     "kl_k3_ratio",
     "online_dpo_loss",
+    "xpo_loss",
+    "nash_md_loss",
     "pair_by_reward",
     "reinforce_kl_loss",
     "reward_metrics",

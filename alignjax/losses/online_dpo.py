@@ -58,6 +58,25 @@ def pair_by_reward(rewards, *, reward_weights=None, missing_eos_penalty=None, co
     return chosen, rejected, lax.stop_gradient(scores)
 
 
+def pair_losses(batch: RolloutBatch, chosen, rejected, *, beta: float, loss_type: str):
+    """`(losses [P], PairScores)`: DPO (`sigmoid`) or IPO (`ipo`) on the summed log-probs of the
+    pairs (rows `chosen[i]`, `rejected[i]` of `batch`), as `online_dpo_loss` states them."""
+    pairs = PreferenceBatch(
+        chosen_logps=batch.logps[chosen],
+        rejected_logps=batch.logps[rejected],
+        chosen_mask=batch.mask[chosen],
+        rejected_mask=batch.mask[rejected],
+        ref_chosen_logps=batch.ref_logps[chosen],
+        ref_rejected_logps=batch.ref_logps[rejected],
+    )
+    s = pair_scores(pairs)
+    hyper = Hyper(beta, 0.0, 0.05, None)
+    if loss_type == "sigmoid":
+        return sigmoid_loss(s, hyper), s
+    ones = jnp.ones_like(s.len_c)
+    return ipo_loss(s._replace(len_c=ones, len_r=ones), hyper), s
+
+
 def online_dpo_loss(
     batch: RolloutBatch,
     rewards,
@@ -98,21 +117,7 @@ def online_dpo_loss(
     )
     if scores.shape[0] != batch.logps.shape[0]:
         raise ValueError(f"`rewards` has {scores.shape[0]} rows, the batch {batch.logps.shape[0]}")
-    pairs = PreferenceBatch(
-        chosen_logps=batch.logps[chosen],
-        rejected_logps=batch.logps[rejected],
-        chosen_mask=batch.mask[chosen],
-        rejected_mask=batch.mask[rejected],
-        ref_chosen_logps=batch.ref_logps[chosen],
-        ref_rejected_logps=batch.ref_logps[rejected],
-    )
-    s = pair_scores(pairs)
-    hyper = Hyper(beta, 0.0, 0.05, None)
-    if loss_type == "sigmoid":
-        losses = sigmoid_loss(s, hyper)
-    else:
-        ones = jnp.ones_like(s.len_c)
-        losses = ipo_loss(s._replace(len_c=ones, len_r=ones), hyper)
+    losses, s = pair_losses(batch, chosen, rejected, beta=beta, loss_type=loss_type)
 
     kl = lax.stop_gradient(masked_sum(batch.logps - batch.ref_logps, batch.mask))
     non_score = -beta * kl

@@ -15,7 +15,7 @@ from alignjax.models.llama import (
     rope_frequencies,
 )
 from alignjax.models.protocol import CausalLM
-from alignjax.models.sampling import Generation, generate
+from alignjax.models.sampling import Generation, generate, generate_mixture, mixture_logits
 
 __all__ = [
     "SequenceMask",
@@ -23,6 +23,8 @@ __all__ = [
     "CausalLM",
     "Generation",
     "generate",
+    "generate_mixture",
+    "mixture_logits",
     "LlamaConfig",
     "LlamaForCausalLM",
     "ModelOutput",

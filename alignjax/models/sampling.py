@@ -18,6 +18,12 @@ Which log-probs (`logps_mode`), for a sampled token y with logits z:
 Greedy decoding (`temperature == 0`) has no temperature: "temperature" is then "model", and
 "sampler" is 0 (the argmax has probability 1).
 
+`generate_mixture` samples from the geometric mixture of two models, pi_mix ∝ pi^(1-c) pi_ref^c,
+token by token (Nash-MD's opponent, TRL's `GeometricMixtureWrapper`): the next-token logits are
+`mixture_logits(l, l_ref, c)` = (1 - c) l + c l_ref, each model with its own KV cache (TRL
+recomputes both models without a cache; the distribution is the same), then the usual
+temperature / top-k / top-p sampling and `logps_mode` on the mixed logits.
+
 The cache holds prompt + new tokens, [B, P + N, kv_heads, head_dim] per layer. Prompt slot j is
 visible where the prompt mask is 1; generated slots are always real. Positions continue from
 each row's prompt length, so left padding does not shift them.
@@ -33,6 +39,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 LOGPS_MODES = ("model", "temperature", "sampler")
+_STATIC = ("max_new_tokens", "temperature", "top_k", "top_p", "stop_tokens", "pad_id",
+           "logps_mode")  # fmt: skip
 
 
 class Generation(NamedTuple):
@@ -64,18 +72,14 @@ def _filter(logits, top_k, top_p):
     return logits
 
 
-@functools.partial(
-    nnx.jit,
-    static_argnames=(
-        "max_new_tokens",
-        "temperature",
-        "top_k",
-        "top_p",
-        "stop_tokens",
-        "pad_id",
-        "logps_mode",
-    ),
-)
+def mixture_logits(logits: jax.Array, ref_logits: jax.Array, mixture_coef) -> jax.Array:
+    """The geometric mixture's next-token logits (1 - c) l + c l_ref: softmax of them is
+    pi^(1-c) pi_ref^c renormalised, Nash-MD's regularised policy (Munos et al. 2023,
+    arXiv:2312.00886; TRL's `GeometricMixtureWrapper.forward` returns their log-softmax)."""
+    return (1.0 - mixture_coef) * logits + mixture_coef * ref_logits
+
+
+@functools.partial(nnx.jit, static_argnames=_STATIC)
 def generate(
     model,
     prompt_ids: jax.Array,
@@ -93,22 +97,65 @@ def generate(
     """Greedy when `temperature == 0`, else sampled from softmax(logits / temperature) after
     top-k / top-p filtering (`rng` required). `logps_mode` ("model", "temperature" or
     "sampler", see the module docstring) picks which log-probs `Generation.logps` holds."""
+    return _decode((model,), lambda logits: logits[0], prompt_ids, prompt_mask, rng,
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id,
+                   logps_mode=logps_mode)  # fmt: skip
+
+
+@functools.partial(nnx.jit, static_argnames=_STATIC)
+def generate_mixture(
+    model,
+    ref_model,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array | None = None,
+    mixture_coef: float | jax.Array = 0.5,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: tuple[int, ...] = (),
+    pad_id: int = 0,
+    logps_mode: str = "model",
+) -> Generation:
+    """`generate` from the geometric mixture of `model` and `ref_model` (module docstring):
+    next-token logits `mixture_logits(l, l_ref, mixture_coef)`, c = 0 is `model`, c = 1
+    `ref_model` (two models with one vocabulary; c is traced: one compilation for every c).
+    `Generation.logps` are the mixture's (`logps_mode` applied to the mixed logits)."""
+    sizes = (model.config.vocab_size, ref_model.config.vocab_size)
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"the mixture's models need one vocabulary, got vocab_size {sizes}")
+    coef = jnp.asarray(mixture_coef, jnp.float32)
+    return _decode((model, ref_model), lambda logits: mixture_logits(*logits, coef), prompt_ids,
+                   prompt_mask, rng, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id,
+                   logps_mode=logps_mode)  # fmt: skip
+
+
+def _decode(
+    models, combine, prompt_ids, prompt_mask, rng, *, max_new_tokens, temperature, top_k, top_p,
+    stop_tokens, pad_id, logps_mode,
+) -> Generation:  # fmt: skip
+    """The sampling loop over one or more models, each with its own KV cache; `combine` maps
+    their float32 next-token logits (a tuple) to the logits sampled from."""
     if logps_mode not in LOGPS_MODES:
         raise ValueError(f"`logps_mode` must be one of {LOGPS_MODES}, got {logps_mode!r}")
     b, p = prompt_ids.shape
-    cfg = model.config
     total = p + max_new_tokens
-    cfg.check_length(total)
-    # Only `CausalLM` members (`models.protocol`): the cache in the compute dtype, else the
-    # parameters' (the LM head's, as the embedding's: `LlamaForCausalLM` keeps one param_dtype).
-    dtype = model.unembed().dtype if model.dtype is None else model.dtype
-    caches = [
-        (
-            jnp.zeros((b, total, cfg.kv_heads, cfg.dim_per_head), dtype),
-            jnp.zeros((b, total, cfg.kv_heads, cfg.dim_per_head), dtype),
-        )
-        for _ in range(cfg.num_hidden_layers)
-    ]
+
+    def new_cache(model):
+        cfg = model.config
+        cfg.check_length(total)
+        # Only `CausalLM` members (`models.protocol`): the cache in the compute dtype, else the
+        # parameters' (the LM head's, as the embedding's: `LlamaForCausalLM` keeps one
+        # param_dtype).
+        dtype = model.unembed().dtype if model.dtype is None else model.dtype
+        shape = (b, total, cfg.kv_heads, cfg.dim_per_head)
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                for _ in range(cfg.num_hidden_layers)]  # fmt: skip
+
     key_valid = jnp.concatenate(
         [prompt_mask.astype(bool), jnp.ones((b, max_new_tokens), bool)], axis=1
     )
@@ -116,8 +163,15 @@ def generate(
     positions = jnp.maximum(jnp.cumsum(prompt_mask, -1) - 1, 0)
     mask = key_valid[:, None, None, :] & (slots[None, :] <= jnp.arange(p)[:, None])[None, None]
     mask = mask | (slots[None, :] == jnp.arange(p)[:, None])[None, None]  # padded queries
-    hidden, caches = model.step_with_cache(prompt_ids, positions, mask, caches, 0)
-    logits = model.logits(hidden[:, -1]).astype(jnp.float32)
+
+    def advance(tokens, positions, mask, caches, index, last):
+        """Every model one call further: the combined next-token logits and the caches."""
+        outs = [m.step_with_cache(tokens, positions, mask, c, index)
+                for m, c in zip(models, caches)]  # fmt: skip
+        logits = tuple(m.logits(h[:, last]).astype(jnp.float32) for m, (h, _) in zip(models, outs))
+        return combine(logits), [c for _, c in outs]
+
+    logits, caches = advance(prompt_ids, positions, mask, [new_cache(m) for m in models], 0, -1)
     next_pos = jnp.sum(prompt_mask, -1).astype(jnp.int32)
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
     key = jax.random.key(0) if rng is None else rng
@@ -146,10 +200,9 @@ def generate(
         done = done | jnp.isin(token, stops)
         slot = p + i
         step_mask = (key_valid & (slots <= slot)[None, :])[:, None, None, :]
-        hidden, caches = model.step_with_cache(
-            token[:, None], (next_pos + i)[:, None], step_mask, caches, slot
-        )
-        return model.logits(hidden[:, 0]).astype(jnp.float32), caches, done, tokens, logps, key
+        logits, caches = advance(token[:, None], (next_pos + i)[:, None], step_mask, caches,
+                                 slot, 0)  # fmt: skip
+        return logits, caches, done, tokens, logps, key
 
     init = (
         logits,

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alignjax import ops
-from alignjax.models.sampling import generate
+from alignjax.models.sampling import generate, generate_mixture
 from alignjax.ops import _checks as C
 
 __all__ = [
@@ -217,8 +217,11 @@ def rollout(
     stop_tokens: tuple[int, ...] = (),
     pad_id: int = 0,
     logps_mode: str = "temperature",
+    mixture_with=None,
+    mixture_coef: float = 0.5,
 ) -> Rollout:
-    """Sample `num_generations` completions of every prompt (one `models.generate` call).
+    """Sample `num_generations` completions of every prompt (one `models.generate` call), or
+    from the geometric mixture of `model` and `mixture_with` (`models.generate_mixture`).
 
     Args:
       model: a `models.CausalLM`.
@@ -232,6 +235,9 @@ def rollout(
         `max_new_tokens` and is `missing_eos`.
       pad_id: written after the stop token.
       logps_mode: which log-probs `Rollout.logps` holds (`generate`); "temperature" default.
+      mixture_with: a second `models.CausalLM` (Nash-MD: the reference): sample from
+        softmax((1 - c) l_model + c l_ref) token by token, c = `mixture_coef`; the log-probs
+        are the mixture's.
 
     Raises:
       ValueError: `num_generations` < 1, an unknown `layout`, shapes that differ, a prompt row
@@ -240,19 +246,13 @@ def rollout(
     ids, mask = repeat_prompts(prompt_ids, prompt_mask, num_generations, layout)
     _check_prompts(prompt_ids, prompt_mask)  # rows named in the caller's batch
     stop_tokens = tuple(int(t) for t in stop_tokens)
-    gen = generate(
-        model,
-        ids,
-        mask,
-        key,
-        max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature),
-        top_k=top_k,
-        top_p=top_p,
-        stop_tokens=stop_tokens,
-        pad_id=int(pad_id),
-        logps_mode=logps_mode,
-    )
+    settings = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                    top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=int(pad_id),
+                    logps_mode=logps_mode)  # fmt: skip
+    if mixture_with is None:
+        gen = generate(model, ids, mask, key, **settings)
+    else:
+        gen = generate_mixture(model, mixture_with, ids, mask, key, mixture_coef, **settings)
     completion_mask = jnp.arange(max_new_tokens)[None, :] < gen.lengths[:, None]
     stopped = jnp.any(jnp.isin(gen.tokens, jnp.asarray(stop_tokens or (-1,))) & completion_mask, -1)
     prompt, sample = row_indices(jnp.shape(prompt_ids)[0], num_generations, layout)

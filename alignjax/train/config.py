@@ -237,7 +237,9 @@ class TrainConfig:
     """One training run. `task`: "sft", "paired" (DPO family, SPPO), "unpaired" (KTO/BCO),
     "unlearn" (forget `data.train` while retaining `data.retain`: grad_ascent, grad_diff, npo,
     simnpo), "online" (on-policy: sample, score and train on the prompts of `data.train`
-    with `online.method` grpo / rloo / reinforce_kl / online_dpo; the `online:` section), or
+    with `online.method` grpo / rloo / reinforce_kl / online_dpo / xpo / nash_md; the `online:`
+    section; or rounds of sample -> pairs -> `steps` offline steps with iterative_dpo / sppo /
+    cream, `train.iterative_task`), or
     "reward" (a reward model: a value head on the Llama trained with TRL RewardTrainer's loss
     on preference pairs, `loss.kwargs.center_rewards_coefficient`, an optional `margin` column;
     `online.reward_model_scorer` loads the export as a reward function).

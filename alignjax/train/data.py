@@ -18,7 +18,15 @@ import numpy as np
 
 from alignjax import data as D
 
-__all__ = ["TASK_KINDS", "raw_split", "load_split", "load_data", "load_retain", "hold_out"]
+__all__ = [
+    "TASK_KINDS",
+    "raw_split",
+    "load_split",
+    "load_data",
+    "load_retain",
+    "hold_out",
+    "hold_out_rows",
+]
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +88,18 @@ def load_split(source: str, cfg, tokenizer, task: str):
     return tokenized
 
 
+def hold_out_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) row indices of `n` rows: `fraction` of them (at least one) drawn with
+    `seed`, both sorted."""
+    k = max(1, int(round(fraction * n)))
+    held = np.sort(np.random.default_rng(seed).permutation(n)[:k])
+    return np.setdiff1d(np.arange(n), held), held
+
+
 def hold_out(tokenized, fraction: float, seed: int):
     """(train, held-out) rows of a tokenized split: `fraction` of them (at least one) drawn
     with `seed`, both in their original order."""
-    n = len(tokenized)
-    k = max(1, int(round(fraction * n)))
-    held = np.sort(np.random.default_rng(seed).permutation(n)[:k])
-    keep = np.setdiff1d(np.arange(n), held)
+    keep, held = hold_out_rows(len(tokenized), fraction, seed)
 
     def subset(idx):
         return D.TokenizedDataset(tokenized.dataset.select(idx.tolist()), tokenized.format,

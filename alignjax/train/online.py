@@ -8,7 +8,9 @@ Each step (every `online.num_iterations` steps when mu > 1) the `OnlinePhase`:
 1. takes the step's `data.batch_size / num_generations` prompts from the prompt loader (a
    prompt-only dataset, or any dataset with a prompt column; each batch is served mu times),
 2. samples `num_generations` completions of each (`online.rollout` under the run's placement:
-   "grouped" rows for GRPO / RLOO / REINFORCE, "halves" for Online DPO) with the key
+   "grouped" rows for GRPO / RLOO / REINFORCE, "halves" for Online DPO; XPO and Nash-MD sample
+   the second half from the reference or the policy-reference mixture, `train.online_pairs`)
+   with the key
    `fold_in(fold_in(state.rng, ROLLOUT_STREAM), step)`, so a resumed run samples the same,
 3. decodes and scores them on the host (`online.score`: TRL's reward-function signature, the
    dataset's other columns and `completion_ids` as keyword arguments, None -> NaN),
@@ -75,7 +77,8 @@ from alignjax.train import metrics as M
 from alignjax.train import sharding as SH
 from alignjax.train.data import raw_split
 from alignjax.train.distributed import fetch, gather_rows
-from alignjax.train.online_config import needs_reference
+from alignjax.train.online_config import PAIR_METHODS, needs_reference
+from alignjax.train.online_pairs import OPPONENT_METHODS, pair_fields, sample_pairs
 from alignjax.train.online_step import (
     OnlineBatch,
     completion_to_rows,
@@ -162,7 +165,8 @@ class OnlinePhase:
         default = () if eos is None else (eos,)
         self.stop_tokens = default if self.o.stop_tokens is None else tuple(self.o.stop_tokens)
         self.reward_fns = [get_reward(name) for name in self.o.rewards]
-        self.dpo = self.o.method == "online_dpo"
+        self.dpo = self.o.method in PAIR_METHODS  # scored without the penalty (the loss's)
+        self.opponent = self.o.method in OPPONENT_METHODS
         self.needs_ref = needs_reference(self.o)
         self.adapters_off = self.needs_ref and cfg.reference.mode == "adapters_disabled"
         self.ref_params = None  # the frozen reference: `reference.path`, else the initial policy
@@ -223,20 +227,26 @@ class OnlinePhase:
 
     # ------------------------------------------------------------------ the rollout phase
 
-    def sample(self, state, prompts, key, num_generations: int, layout: str) -> dict:
+    def sample(self, state, prompts, key, num_generations: int, layout: str, *,
+               opponent: bool = False) -> dict:  # fmt: skip
         """Host arrays of `num_generations` rollouts of each prompt of the global batch of
-        which `prompts` is this process's loader slice (every process gets all rows)."""
+        which `prompts` is this process's loader slice (every process gets all rows); with
+        `opponent`, the second half from XPO's / Nash-MD's opponent (`online_pairs`)."""
         ids, mask = left_padded(prompts, self.pad_id)
         ids, mask, rows, valid = gather_rows((ids, mask, np.asarray(prompts.rows),
                                               np.asarray(prompts.valid)))  # fmt: skip
         prompt, _ = row_indices(ids.shape[0], num_generations, layout)
         ids, mask = ids[prompt], mask[prompt]
         o = self.o
-        r = rollout(model_of(state), *self._put((ids, mask)), key, num_generations=1,
-                    max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_k=o.top_k,
-                    top_p=o.top_p, stop_tokens=tuple(self.stop_tokens), pad_id=self.pad_id,
-                    logps_mode="temperature")  # fmt: skip
-        out = fetch((r.completion_ids, r.completion_mask, r.missing_eos, r.logps))
+        settings = dict(max_new_tokens=o.max_new_tokens, temperature=o.temperature,
+                        top_k=o.top_k, top_p=o.top_p, stop_tokens=tuple(self.stop_tokens),
+                        pad_id=self.pad_id, logps_mode="temperature")  # fmt: skip
+        if opponent:
+            out = sample_pairs(self, state, ids, mask, key, settings)
+        else:
+            r = rollout(model_of(state), *self._put((ids, mask)), key, num_generations=1,
+                        **settings)  # fmt: skip
+            out = fetch((r.completion_ids, r.completion_mask, r.missing_eos, r.logps))
         names = ("completion_ids", "completion_mask", "missing_eos", "logps")
         rows = rows[prompt]  # a padding example's row is -1
         rows = np.where(rows >= 0, rows, rows.max())
@@ -329,10 +339,16 @@ class OnlinePhase:
         o, spec = self.o, self.spec
         policy = self.placement.to_checkpoint(state)
         key = rollout_key(policy.rng, step)
-        s = self.sample(policy, prompts, key, o.num_generations, o.layout)
+        s = self.sample(policy, prompts, key, o.num_generations, o.layout,
+                        opponent=self.opponent)  # fmt: skip
         p, c = s["prompt_ids"].shape[1], s["completion_ids"].shape[1]
         rows = rollout_rows(s["prompt_ids"], s["prompt_mask"], s["completion_ids"],
                             s["completion_mask"])  # fmt: skip
+        scores = self.score_rows(s, self.cfg.data.train, penalty=not self.dpo)
+        kept, extra = np.arange(len(s["missing_eos"])), {}
+        if self.opponent:  # the rows the step trains on, with their opponents' scores
+            kept, extra, pair_metrics = pair_fields(o.method, s, scores, o.reward_weights)
+            rows = {k: v[kept] for k, v in rows.items()}
         ref = None
         if self.needs_ref:
             tokens = OnlineBatch(valid=None, advantages=None, rewards=None, contains_eos=None,
@@ -341,20 +357,28 @@ class OnlinePhase:
                                   adapters_off=self.adapters_off,
                                   temperature=spec.temperature)  # fmt: skip
             ref = np.asarray(fetch(ref))
-        scores = self.score_rows(s, self.cfg.data.train, penalty=not self.dpo)
         ref_completion = None if ref is None else ref[:, p - 1 : p - 1 + c]
-        adv, metrics = self.advantages(scores, s, ref_completion)
-        metrics.update(completion_metrics(s["completion_mask"], s["missing_eos"]))
+        if self.opponent:
+            adv, metrics = np.zeros(len(kept), np.float32), pair_metrics
+            if o.method == "nash_md":  # TRL logs it; the loss does not know it
+                metrics["mixture_coef"] = float(o.mixture_coef)
+            mine = slice(0, len(s["missing_eos"]) // 2)  # lengths of the policy's samples
+        else:
+            adv, metrics = self.advantages(scores, s, ref_completion)
+            mine = slice(None)
+        metrics.update(completion_metrics(s["completion_mask"][mine], s["missing_eos"][mine]))
         mask = s["completion_mask"]
         if not self.dpo:
             metrics["entropy"] = float(-np.sum(s["logps"] * mask) / max(mask.sum(), 1))
         old = None
         if o.num_iterations > 1 and o.method in ("grpo", "rloo"):
             old = completion_to_rows(s["logps"], p, p + c)
-        fields = dict(rows, advantages=adv, rewards=scores.total.astype(np.float32),
-                      contains_eos=~s["missing_eos"], old_logps=old,
-                      ref_logps=ref if spec.reference == "precomputed" else None)  # fmt: skip
-        batch = online_batch(fields, pairs=self.dpo, accum=self.cfg.optim.grad_accum)
+        fields = dict(rows, advantages=adv, rewards=scores.total[kept].astype(np.float32),
+                      contains_eos=~s["missing_eos"][kept], old_logps=old,
+                      ref_logps=ref if spec.reference == "precomputed" else None,
+                      **extra)  # fmt: skip
+        pairs = self.dpo and o.method != "nash_md"  # Nash-MD trains on the policy's half
+        batch = online_batch(fields, pairs=pairs, accum=self.cfg.optim.grad_accum)
         if jax.process_count() > 1:  # every host holds the whole batch
             placed = SH.shard_global_batch(batch, self.placement.mesh)
         else:

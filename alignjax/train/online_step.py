@@ -9,11 +9,13 @@ reward and EOS flag, with the old policy's and the reference's per-token log-pro
 unchanged: the forward pass and fused LM head at the sampling temperature
 (`StepSpec.temperature`), then `OnlineBatch.loss_batch` puts the per-token results into a
 `losses.ScoredRolloutBatch` for the registered loss ("grpo", "rloo", "reinforce_kl",
-"online_dpo"), whose (sum, count) terms keep accumulation and devices exact.
+"online_dpo", "xpo", "nash_md"), whose (sum, count) terms keep accumulation and devices exact.
 
 Micro-batches (`optim.grad_accum` = A): the rows are split into A consecutive blocks, each laid
 out like a whole batch: groups of G rows stay together (GRPO, RLOO, REINFORCE), and Online DPO's
-`[first samples; second samples]` becomes A blocks of `[first; second]` of their own prompts.
+(and XPO's) `[first samples; second samples]` becomes A blocks of `[first; second]` of their own
+prompts. Nash-MD's batch holds the policy's samples only, each row with its opponent's (the
+mixture's sample's) score and EOS flag.
 Online DPO batches count pairs in `valid` (`[N / 2]`), so pmap splits them as paired batches
 (`placement.split_batch_for_pmap`). Several processes place the whole batch in this layout
 (every process holds it, `train.online`), so the step needs no `StepSpec.row_blocks`.
@@ -39,7 +41,7 @@ from alignjax.data.batching import shift_labels
 from alignjax.losses.online import ScoredRolloutBatch
 from alignjax.peft import adapters_disabled
 from alignjax.train.forward import swap_row_blocks, to_sequences
-from alignjax.train.online_config import needs_reference
+from alignjax.train.online_config import PAIR_METHODS, needs_reference
 from alignjax.train.state import model_of
 from alignjax.train.step import StepSpec
 
@@ -57,6 +59,8 @@ class OnlineBatch:
       valid: `[E]` ones: E = R rows, or R / 2 pairs for Online DPO's two halves.
       advantages, rewards: `[R]` float32; rewards NaN where no reward function scored the row.
       contains_eos: `[R]` bool.
+      opponent_rewards, opponent_contains_eos: `[R]` the score and EOS flag of the sample each
+        row is compared with (Nash-MD's mixture samples), or None.
       old_logps, ref_logps: `[R, L]` per-token log-probs of the sampling policy and the
         reference at the sampling temperature (0 off `loss_mask`), or None.
     """
@@ -72,6 +76,8 @@ class OnlineBatch:
     contains_eos: Any
     old_logps: Any = None
     ref_logps: Any = None
+    opponent_rewards: Any = None
+    opponent_contains_eos: Any = None
 
     seq_row = None  # never packed
     segment_ids = None
@@ -83,12 +89,14 @@ class OnlineBatch:
 
     def loss_batch(self, spec, logps, mask, ref_logps=None) -> ScoredRolloutBatch:
         """The loss's `ScoredRolloutBatch` from the step's per-token values (loss layout)."""
-        adv, rewards, eos, old = to_sequences(
-            spec, self, [self.advantages, self.rewards, self.contains_eos, self.old_logps]
-        )
+        adv, rewards, eos, old, opp, opp_eos = to_sequences(
+            spec, self, [self.advantages, self.rewards, self.contains_eos, self.old_logps,
+                         self.opponent_rewards, self.opponent_contains_eos]
+        )  # fmt: skip
         return ScoredRolloutBatch(logps=logps, mask=mask, advantages=adv, old_logps=old,
-                                  ref_logps=ref_logps, rewards=rewards,
-                                  contains_eos=eos)  # fmt: skip
+                                  ref_logps=ref_logps, rewards=rewards, contains_eos=eos,
+                                  opponent_rewards=opp,
+                                  opponent_contains_eos=opp_eos)  # fmt: skip
 
 
 def rollout_rows(prompt_ids, prompt_mask, completion_ids, completion_mask) -> dict:
@@ -147,13 +155,19 @@ def method_kwargs(o) -> dict:
         return dict(epsilon=o.epsilon, epsilon_high=o.epsilon_high)
     if o.method == "reinforce_kl":
         return dict(beta=o.beta, baseline=o.baseline, num_generations=o.num_generations)
+    if o.method == "xpo":
+        return dict(beta=o.beta, alpha=o.alpha, loss_type=o.loss_type,
+                    missing_eos_penalty=o.missing_eos_penalty)  # fmt: skip
+    if o.method == "nash_md":
+        return dict(beta=o.beta, missing_eos_penalty=o.missing_eos_penalty)
     return dict(beta=o.beta, loss_type=o.loss_type, missing_eos_penalty=o.missing_eos_penalty)
 
 
 def online_spec(cfg) -> StepSpec:
     """The step of `task: online`: the method's registered loss (with `loss.kwargs` on top),
     the reference's log-probs carried by the batch when the method reads them, log-probs at the
-    sampling temperature (Online DPO: at temperature 1, as TRL scores its pairs)."""
+    sampling temperature (Online DPO, XPO, Nash-MD: at temperature 1, as TRL scores its
+    pairs)."""
     o = cfg.online.resolved()
     kwargs = {**method_kwargs(o), **dict(cfg.loss.kwargs)}
     return StepSpec(
@@ -161,7 +175,7 @@ def online_spec(cfg) -> StepSpec:
         loss=o.method,
         loss_kwargs=kwargs,
         reference="precomputed" if needs_reference(o) else "none",
-        temperature=1.0 if o.method == "online_dpo" else float(o.temperature),
+        temperature=1.0 if o.method in PAIR_METHODS else float(o.temperature),
     )
 
 

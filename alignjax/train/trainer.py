@@ -47,6 +47,7 @@ from alignjax.train import metrics as M
 from alignjax.train import step as S
 from alignjax.train.builders import PRESETS, build_optimizer
 from alignjax.train.data import load_split
+from alignjax.train.online_config import ITERATIVE_METHODS
 from alignjax.train.placement import split_batch_for_pmap
 from alignjax.train.session import Session, build_model, open_run, setup
 
@@ -144,7 +145,12 @@ def write_data_report(session, path) -> None:
 
 
 def train(cfg: cfg_lib.TrainConfig, *, progress: bool = True, hooks: Sequence = ()) -> dict:
-    """Run (or resume) a training run; returns a summary (final eval metrics, paths)."""
+    """Run (or resume) a training run; returns a summary (final eval metrics, paths). An
+    iterative `task: online` method runs `online.run_iterative` (`train.iterative_task`)."""
+    if cfg.task == "online" and cfg.online.method in ITERATIVE_METHODS:
+        from alignjax.train.iterative_task import train_iterative
+
+        return train_iterative(cfg, progress=progress, hooks=hooks)
     session = setup(cfg)
     out = session.out_dir
     if cfg.data.probe is not None and session.eval_data is None:

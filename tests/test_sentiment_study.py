@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `experiments` is imported from the checkout
@@ -21,7 +22,9 @@ RUN_KEYS = {"method", "beta", "seed", "trained", "reward", "reward_se", "kl", "k
             "bounded_reward", "bounded_reward_se", "train_seconds", "logp_check",
             "positive_share", "mean_length", "vs_dpo_reward", "vs_dpo_bounded_reward",
             "dead_head"}  # fmt: skip
-FIGURES = ("frontier", "frontier_sparsepo", "masks", "trajectories", "dynamics", "mask_training")
+FIGURES = ("frontier", "frontier_sparsepo", "frontier_online", "masks", "trajectories",
+           "dynamics", "mask_training")  # fmt: skip
+ONLINE = {"grpo", "sppo_iter", "online_dpo_rm"}  # the --quick study's on-policy rows
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def test_quick_study_writes_well_formed_outputs(quick):
         assert summary["figures"][name] == path.name
         assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000, name
     runs = summary["runs"]
-    assert {r["method"] for r in runs} == {"dpo", "sppo", "sparsepo", "mapo"}
+    assert {r["method"] for r in runs} == {"dpo", "sppo", "sparsepo", "mapo"} | ONLINE
     for r in runs:
         assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
         for key in ("reward", "reward_se", "kl", "kl_se", "train_seconds", "mean_length"):
@@ -79,6 +82,40 @@ def test_trained_policies_beat_the_reference_and_kl_is_sane(quick):
         # The sampler's log-probs of its own tokens = a forward pass of the policy on them.
         assert r["logp_check"] < 1e-4, (r["method"], r["logp_check"])
     assert ref["logp_check"] < 1e-4
+
+
+def test_on_policy_rows(quick):
+    """GRPO + KL and the SPPO self-play loop on the gold reward, online DPO on the study's
+    reward model: each trained with the offline rows' sequence budget, evaluated like them."""
+    out, summary = quick
+    cfg = study.QUICK
+    runs = {r["method"]: r for r in summary["runs"]}
+    for name in ONLINE:
+        assert runs[name]["online"] is not None and runs[name]["scorer"] in ("gold", "rm")
+    assert runs["online_dpo_rm"]["scorer"] == "rm" and runs["grpo"]["scorer"] == "gold"
+    # GRPO: steps x 2 x batch completions (the offline rows' sequences), G = 4 per prompt
+    assert runs["grpo"]["online"] == dict(method="grpo", steps=cfg.steps)
+    grpo_dir = out / "runs" / f"grpo_beta{runs['grpo']['beta']:g}_seed0"
+    grpo = yaml.safe_load((grpo_dir / "config.yaml").read_text())
+    assert grpo["task"] == "online" and grpo["online"]["method"] == "grpo"
+    assert grpo["data"]["batch_size"] == 2 * cfg.batch_size and grpo["steps"] == cfg.steps
+    assert grpo["online"]["num_generations"] == 4 and grpo["online"]["beta"] > 0
+    it = runs["sppo_iter"]["online"]
+    assert it["iterations"] == 3 and it["steps"] == 3 * (cfg.steps // 3)
+    assert len(it["pairs"]) == 3 and all(n > 0 for n in it["pairs"])
+    assert len(it["sample_gold_reward"]) == 3
+    # the reward model, trained on the noisy train pairs, orders held-out completions like
+    # the gold reward more often than not
+    rm = summary["reward_model"]
+    assert rm["heldout_pairs"] == summary["data"]["heldout"]["pairs"]
+    assert rm["gold_correlation"] > 0.2 and rm["accuracy_gold"] > 0.5
+    # the frontier figures re-drawn from summary.json alone (`--replot`)
+    assert set(study.replot(out)) == {"frontier", "frontier_sparsepo", "frontier_online"}
+    assert (out / "frontier_online.png").read_bytes()[:8] == PNG
+    rollouts = grpo_dir / "rollouts.jsonl"
+    assert rollouts.is_file() and all(
+        math.isfinite(json.loads(line)["reward"]) for line in rollouts.read_text().splitlines()
+    )
 
 
 def test_mask_statistics(quick):

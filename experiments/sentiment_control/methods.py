@@ -13,7 +13,9 @@ beta means different things (loss docstrings in `alignjax/losses/`, ../shared/sp
 The grids span weak to strong regularisation on this problem. They were picked from a
 calibration at the default budget (100 steps): DPO 0.1 -> 3 gives KL ~17 -> ~2 nats (10 adds
 a point below 2 nats, so that DPO's frontier is measured, not interpolated, where the strongly
-regularised runs of the other methods land; 0.8 is the SparsePO paper's IMDB beta); IPO 1 -> 8
+regularised runs of the other methods land; 0.8 is the SparsePO paper's IMDB beta; 0.03
+extends the frontier past ~20 nats, where iterative DPO lands; added with the on-policy rows,
+after the committed full SparsePO study); IPO 1 -> 8
 gives ~6 -> ~0.6; SPPO 0.003 -> 0.1 gives ~4 -> ~0.7; TDPO2 (alpha 0.5, the TDPO authors'
 recommendation) holds itself under ~2 nats at any beta. MaPO: the reference's activation mask
 (MLP, attention, residual groups). The LoRA row (rank 16 on every projection, the reference =
@@ -50,6 +52,8 @@ __all__ = [
     "METHODS",
     "BY_NAME",
     "DEFAULT_METHODS",
+    "ONLINE",
+    "ONLINE_ONLY",
     "QUICK_METHODS",
     "middle_beta",
     "sft_config",
@@ -75,6 +79,10 @@ class Method:
     head_lr: float | None = None
     mask_options: tuple[tuple[str, object], ...] = ()
     loss_kwargs: tuple[tuple[str, object], ...] = ()
+    # on-policy rows (`onpolicy.py`): "grpo" / "rloo" / "online_dpo" (`task: online`) or
+    # "iterative_dpo" / "sppo" (`online.run_iterative`), scored by "gold" or "rm"
+    online: str | None = None
+    scorer: str = "gold"
 
     @property
     def learned_heads(self) -> bool:
@@ -94,7 +102,7 @@ def _sparse(name, label, betas=SPARSE_BETAS, **kw) -> Method:
 
 
 METHODS = (
-    Method("dpo", "DPO", "sigmoid", (0.1, 0.3, 0.8, 3.0, 10.0)),
+    Method("dpo", "DPO", "sigmoid", (0.03, 0.1, 0.3, 0.8, 3.0, 10.0)),
     Method("ipo", "IPO", "ipo", (1.0, 2.0, 8.0)),
     Method("sppo", "SPPO", "sppo", (0.003, 0.01, 0.1)),
     Method("tdpo1", "TDPO1", "tdpo1", SPARSE_BETAS),
@@ -141,6 +149,40 @@ METHODS = (
     Method("mapo", "MaPO", "mapo", (0.1, 0.3, 1.0), masks=True),
     Method("dpo_lora", "DPO + LoRA", "sigmoid", (0.1, 0.3, 1.0), lora=True),
 )
+
+
+def _online(name, label, loss, betas, online, scorer="gold") -> Method:
+    if scorer == "rm":
+        name, label = f"{name}_rm", f"{label} (reward model)"
+    return Method(name, label, loss, betas, online=online, scorer=scorer)
+
+
+# On-policy rows (onpolicy.py). Grids from a calibration at the default budget (seed 0, gold
+# reward), chosen to land inside DPO's KL range (~1.6-17 nats): GRPO + KL 0.04 / 0.2 / 1 gave
+# KL 140 / 8.4 / 0.4 nats (at 0.01-0.04 the policy hacks the lexicon count: reward 17-19, 20+
+# sentiment words); RLOO 0.05 / 0.2 / 1: 149 / 7.3 / 1.4; online DPO 0.1 / 0.3 / 1: 111 / 11 /
+# 3.7; iterative DPO 0.1 / 0.3 / 1: 85 / 61 / 36 (the reference moves each iteration, so the
+# KL to the SFT model compounds over the 3 iterations); SPPO's loop 0.01: 18.
+ONLINE_BETAS = {
+    "grpo": (0.2, 0.5, 1.0),
+    "rloo": (0.2, 0.5, 1.0),
+    "online_dpo": (0.3, 1.0, 3.0),
+    "iterative_dpo": (3.0, 10.0, 30.0),
+    "sppo": (0.03, 0.1, 0.3),
+}
+_ONLINE_ROWS = (
+    ("grpo", "GRPO + KL", "grpo", "grpo"),
+    ("rloo", "RLOO", "rloo", "rloo"),
+    ("online_dpo", "online DPO", "online_dpo", "online_dpo"),
+    ("iterative_dpo", "iterative DPO (3 it.)", "sigmoid", "iterative_dpo"),
+    ("sppo_iter", "SPPO self-play (3 it.)", "sppo", "sppo"),
+)
+ONLINE = tuple(
+    _online(name, label, loss, ONLINE_BETAS[kind], kind, scorer)
+    for scorer in ("gold", "rm")
+    for name, label, loss, kind in _ONLINE_ROWS
+)
+METHODS = METHODS + ONLINE
 BY_NAME = {m.name: m for m in METHODS}
 
 
@@ -154,22 +196,33 @@ def _only(name: str, *betas: float) -> Method:
     return dataclasses.replace(BY_NAME[name], betas=betas)
 
 
-# The default run (<= 10 min on 2 cores, one training seed): DPO's whole frontier, the SparsePO
-# controls around the faithful configuration at every SparsePO beta, the rest of the head-rate
-# sweep and the other variants at the paper's beta 0.8, the other methods at one beta each.
+# The default run (<= 10 min on 2 cores, one training seed): DPO's whole frontier, the faithful
+# SparsePO configuration at every SparsePO beta, TDPO1, the head-rate sweep and the fixed random
+# mask at the paper's beta 0.8, the other methods at one beta each (`--full`: all of them at
+# every beta, 3 seeds).
 DEFAULT_METHODS = (
     BY_NAME["dpo"],
-    BY_NAME["tdpo1"],
-    BY_NAME["sparsepo_lr0"],
+    _only("tdpo1", 0.8),
+    _only("sparsepo_lr0", 0.8),
     BY_NAME["sparsepo"],
-    BY_NAME["sparsepo_lrpolicy"],
+    _only("sparsepo_lrpolicy", 0.8),
     _only("sparsepo_lr1e-4", 0.8),
     _only("sparsepo_random", 0.8),
-    _only("sparsepo_postnorm", 0.8),
-    _only("sparsepo_indp", 0.8),
     *(middle_beta(BY_NAME[n]) for n in ("ipo", "sppo", "tdpo2", "mapo", "dpo_lora")),
+    # on-policy rows at their middle beta: GRPO + KL and online DPO on the gold reward and on
+    # the study's reward model, SPPO's self-play loop on the gold reward (RLOO and iterative
+    # DPO: `--full` / `--online`)
+    *(
+        middle_beta(BY_NAME[n])
+        for n in ("grpo", "online_dpo", "sppo_iter", "grpo_rm", "online_dpo_rm")
+    ),
 )
-QUICK_METHODS = tuple(middle_beta(BY_NAME[n]) for n in ("dpo", "sppo", "sparsepo", "mapo"))
+# `--online`: DPO's frontier and the on-policy rows only (with `--full`: every beta, 3 seeds)
+ONLINE_ONLY = (BY_NAME["dpo"],) + ONLINE
+QUICK_METHODS = tuple(
+    middle_beta(BY_NAME[n])
+    for n in ("dpo", "sppo", "sparsepo", "mapo", "grpo", "sppo_iter", "online_dpo_rm")
+)
 
 
 def sft_config(out_dir: Path, *, steps: int, seed: int) -> C.TrainConfig:

@@ -248,13 +248,18 @@ def _plt():
 
 def plot_frontier(configs: list[dict], reference: dict, methods, path: Path) -> Path:
     """Gold reward (left) and bounded gold reward (right) against KL(pi || pi_ref), one curve
-    per method (betas joined in KL order); error bars are the 95% intervals over training seeds
+    per method (betas joined in KL order; reward-model rows dotted, hollow markers, in their
+    gold-scored twin's colour); error bars are the 95% intervals over training seeds
     (one evaluation standard error with a single seed); the reference policy at KL 0."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
     markers = "osD^v<>pPX*h"
+    # an on-policy row scored by the reward model shares its gold-scored twin's colour, dotted
+    families = list(dict.fromkeys(m.name.removesuffix("_rm") for m in methods))
     for ax, score in zip(axes, SCORES):
-        for k, m in enumerate(methods):
+        for m in methods:
+            family = families.index(m.name.removesuffix("_rm"))
+            rm = getattr(m, "scorer", "gold") == "rm"
             pts = sorted((c for c in configs if c["method"] == m.name), key=lambda c: c["kl"])
             if not pts:
                 continue
@@ -268,10 +273,12 @@ def plot_frontier(configs: list[dict], reference: dict, methods, path: Path) -> 
                 [c[score] for c in pts],
                 xerr=[bar(c, "kl") for c in pts],
                 yerr=[bar(c, score) for c in pts],
-                marker=markers[k % len(markers)],
+                marker=markers[family % len(markers)],
                 markersize=5,
                 capsize=2,
-                linestyle="--" if m.lora or m.name.startswith("sparsepo_") else "-",
+                color=f"C{family % 10}",
+                mfc="none" if rm else None,
+                linestyle=":" if rm else "--" if m.lora or m.name.startswith("sparsepo_") else "-",
                 label=m.label,
             )
             for c in pts:

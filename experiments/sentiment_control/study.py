@@ -41,6 +41,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from alignjax import data as D
@@ -53,11 +54,13 @@ if str(REPO) not in sys.path:  # `python experiments/sentiment_control/study.py`
 from experiments.sentiment_control import data as SD  # noqa: E402
 from experiments.sentiment_control import masks as MK  # noqa: E402
 from experiments.sentiment_control import methods as ME  # noqa: E402
+from experiments.sentiment_control import onpolicy as OP  # noqa: E402
 from experiments.sentiment_control import policy as P  # noqa: E402
 from experiments.sentiment_control import report as R  # noqa: E402
 
 OUT = REPO / "experiments" / "results" / "sentiment_control"
 OUT_FULL = REPO / "experiments" / "results" / "sentiment_control_full"
+OUT_ONLINE_FULL = REPO / "experiments" / "results" / "sentiment_control_online_full"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Study:
     steps: int = 100
     batch_size: int = 16
     learning_rate: float = 1e-3
+    rm_steps: int = 100  # the reward model of the "rm" on-policy rows (train pairs, batch_size)
     trajectory_every: int = 10
     mask_examples: int = 4  # completions per method in masks.png
     methods: tuple[ME.Method, ...] = ME.DEFAULT_METHODS
@@ -98,6 +102,7 @@ QUICK = Study(
     steps=30,
     batch_size=8,
     trajectory_every=5,
+    rm_steps=30,
     methods=ME.QUICK_METHODS,
 )
 FULL = Study(methods=ME.METHODS, train_seeds=(0, 1, 2))
@@ -141,6 +146,8 @@ def build_data(study: Study, sft_dir: Path, data_dir: Path) -> dict:
     s = P.sample(ref, ids, mask, tok, jax.random.fold_in(key, 0), per_prompt=k, **gen)
     rows, stats = _pairs(train_prompts, s, k, tau=study.tau, seed=study.seed)
     SD.write_jsonl(data_dir / "train_pairs.jsonl", rows)
+    # the on-policy rows' prompt-only dataset: the same training prompts
+    SD.write_jsonl(data_dir / "train_prompts.jsonl", [dict(prompt=p) for p in train_prompts])
 
     heldout_ids = SD.encode_prompts(tok, heldout, study.prompt_length)
     eval_key = jax.random.fold_in(key, 1)
@@ -170,6 +177,7 @@ def build_data(study: Study, sft_dir: Path, data_dir: Path) -> dict:
         examples=examples,
         tokenizer=tok,
         model=ref,
+        train_prompts=train_prompts,
         heldout_ids=heldout_ids,
         eval_key=eval_key,
     )
@@ -241,6 +249,27 @@ def run_all(study: Study, out: Path, *, progress: bool = True) -> dict:
         flush=True,
     )
 
+    rm = None
+    if any(m.online and m.scorer == "rm" for m in study.methods):
+        print(f"[2b/6] reward model on the train pairs ({study.rm_steps} steps)", flush=True)
+        rm_cfg = OP.reward_model_config(
+            work / "reward_model",
+            sft_dir=sft_dir,
+            pairs=work / "data" / "train_pairs.jsonl",
+            steps=study.rm_steps,
+            batch_size=study.batch_size,
+            seed=study.seed,
+        )
+        rm = OP.train_reward_model(rm_cfg, work / "data" / "heldout_pairs.jsonl")
+        seconds["reward_model"] = rm["train_seconds"]
+        print(
+            f"      held-out pairs: accuracy {rm['accuracy_labels']:.3f} against the labels "
+            f"(the gold order agrees with {rm['labels_agree_with_gold']:.3f} of them), "
+            f"{rm['accuracy_gold']:.3f} against the gold order; correlation with the gold "
+            f"reward {rm['gold_correlation']:.2f}",
+            flush=True,
+        )
+
     n_runs = len(study.runs())
     print(
         f"[3-5/6] {n_runs} preference runs ({len(study.train_seeds)} training seed(s)): "
@@ -273,45 +302,61 @@ def run_all(study: Study, out: Path, *, progress: bool = True) -> dict:
             probe=work / "data" / "probe.jsonl",
         )
         key = (method.name, seed)
-        cfg = ME.preference_config(method, beta, work / name, head_seed=head_seeds.get(key), **kw)
-        train_s = ME.train_run(cfg)
-        t0 = time.perf_counter()
-        session, policy = P.load_run(work / name, ref)
-        first = beta == method.betas[0]
-        dead = None
-        if method.masks or method.learned_heads:
-            if batches is None:
-                batches = MK.load_pairs(
-                    work / "data" / "heldout_pairs.jsonl", session, length=study.max_length
-                )
-            rows, examples = _mask_rows(
-                method, beta, seed, session, batches, tok, study.mask_examples, init=first
+        dead, online_info = None, None
+        if method.online:
+            train_s, policy, online_info = _online_run(study, method, beta, seed, work, name,
+                                                       sft_dir, d, ref, progress)  # fmt: skip
+            t0 = time.perf_counter()
+        else:
+            cfg = ME.preference_config(
+                method, beta, work / name, head_seed=head_seeds.get(key), **kw
             )
-            if method.learned_heads and first:
-                dead = _dead_at_init(rows, method, seed)
-                head_seed = seed + 2  # `trainer`'s default head seed
-                while dead and study.redraw_dead:  # the labelled option: re-draw, re-train
-                    head_seed += 1000
-                    head_seeds[key] = head_seed
-                    del session, policy
-                    shutil.rmtree(work / name)
-                    cfg = ME.preference_config(method, beta, work / name, head_seed=head_seed, **kw)
-                    train_s += ME.train_run(cfg)
-                    session, policy = P.load_run(work / name, ref)
-                    rows, examples = _mask_rows(
-                        method, beta, seed, session, batches, tok, study.mask_examples, init=True
+            train_s = ME.train_run(cfg)
+            t0 = time.perf_counter()
+            session, policy = P.load_run(work / name, ref)
+            first = beta == method.betas[0]
+            if method.masks or method.learned_heads:
+                if batches is None:
+                    batches = MK.load_pairs(
+                        work / "data" / "heldout_pairs.jsonl", session, length=study.max_length
                     )
+                rows, examples = _mask_rows(
+                    method, beta, seed, session, batches, tok, study.mask_examples, init=first
+                )
+                if method.learned_heads and first:
                     dead = _dead_at_init(rows, method, seed)
-                dead_heads[key] = dead
-            elif method.learned_heads:
-                dead = dead_heads.get(key)
-            mask_rows += rows
-            panel = beta == method.betas[0] if method.loss == "mapo" else beta == middle
-            if panel and seed == first_seed:
-                what = "any beta" if method.loss == "mapo" else f"beta {beta:g}, trained"
-                for mask in ("reward", "kl") if method.independent_masks else ("reward",):
-                    title = f"{method.label} ({what}): {mask} mask"
-                    mask_panels.append((title, examples, f"{mask}_mask"))
+                    head_seed = seed + 2  # `trainer`'s default head seed
+                    while dead and study.redraw_dead:  # the labelled option: re-draw, re-train
+                        head_seed += 1000
+                        head_seeds[key] = head_seed
+                        del session, policy
+                        shutil.rmtree(work / name)
+                        cfg = ME.preference_config(
+                            method, beta, work / name, head_seed=head_seed, **kw
+                        )
+                        train_s += ME.train_run(cfg)
+                        session, policy = P.load_run(work / name, ref)
+                        rows, examples = _mask_rows(
+                            method,
+                            beta,
+                            seed,
+                            session,
+                            batches,
+                            tok,
+                            study.mask_examples,
+                            init=True,
+                        )
+                        dead = _dead_at_init(rows, method, seed)
+                    dead_heads[key] = dead
+                elif method.learned_heads:
+                    dead = dead_heads.get(key)
+                mask_rows += rows
+                panel = beta == method.betas[0] if method.loss == "mapo" else beta == middle
+                if panel and seed == first_seed:
+                    what = "any beta" if method.loss == "mapo" else f"beta {beta:g}, trained"
+                    for mask in ("reward", "kl") if method.independent_masks else ("reward",):
+                        title = f"{method.label} ({what}): {mask} mask"
+                        mask_panels.append((title, examples, f"{mask}_mask"))
         redrawn = head_seeds.get(key)
         result, s = P.evaluate_policy(policy, ref, hids, hmask, tok, eval_key, **sample_kw)
         run = dict(
@@ -324,6 +369,8 @@ def run_all(study: Study, out: Path, *, progress: bool = True) -> dict:
             train_seconds=train_s,
             dead_head=dead,
             redrawn_head_seed=redrawn,
+            scorer=method.scorer if method.online else None,
+            online=online_info,
             **result,
             examples=s.texts[:3],
         )
@@ -339,19 +386,14 @@ def run_all(study: Study, out: Path, *, progress: bool = True) -> dict:
             f"{run['reward_se']:.2f}  KL {run['kl']:6.2f} ± {run['kl_se']:.2f}  "
             f"({train_s:.0f} s + {run['eval_seconds']:.0f} s){flag}"
         )
-        del session, policy
+        del policy
     bar.close()
     seconds["preference_runs"] = sum(r["train_seconds"] + r["eval_seconds"] for r in runs)
 
     print("[6/6] tables and figures", flush=True)
     configs = R.aggregate(runs, reference)
-    main = [m for m in study.methods if not m.name.startswith("sparsepo_") or m.name == "sparsepo"]
-    sparse = [m for m in study.methods if m.name in ("dpo", "tdpo1") or m.loss == "sparsepo"]
     figures = dict(
-        frontier=R.plot_frontier(configs, reference, main, out / "frontier.png"),
-        frontier_sparsepo=R.plot_frontier(
-            configs, reference, sparse, out / "frontier_sparsepo.png"
-        ),
+        frontier_figures(configs, reference, study.methods, out),
         masks=MK.plot_masks(mask_panels, out / "masks.png"),
         trajectories=R.plot_trajectories(curves, out / "trajectories.png"),
         dynamics=R.plot_dynamics(curves, out / "dynamics.png"),
@@ -367,6 +409,7 @@ def run_all(study: Study, out: Path, *, progress: bool = True) -> dict:
         config=_config_dict(study),
         data=dict(train=d["train"], heldout=d["heldout"], reference_examples=d["examples"]),
         reference=reference,
+        reward_model=rm,
         runs=runs,
         configs=configs,
         masks=mask_rows,
@@ -379,6 +422,73 @@ def run_all(study: Study, out: Path, *, progress: bool = True) -> dict:
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     return summary | dict(table=table, masks_table=mtable, dynamics_table=dtable)
+
+
+def frontier_figures(configs, reference, methods, out: Path) -> dict:
+    """The frontier figures: the offline methods (SparsePO's faithful row only), the SparsePO
+    variants with DPO and TDPO1, and (with on-policy rows) DPO with the on-policy rows."""
+    main = [
+        m
+        for m in methods
+        if not m.online and (not m.name.startswith("sparsepo_") or m.name == "sparsepo")
+    ]
+    sparse = [m for m in methods if m.name in ("dpo", "tdpo1") or m.loss == "sparsepo"]
+    onpolicy = [m for m in methods if m.name == "dpo" or m.online]
+    figures = dict(
+        frontier=R.plot_frontier(configs, reference, main, out / "frontier.png"),
+        frontier_sparsepo=R.plot_frontier(
+            configs, reference, sparse, out / "frontier_sparsepo.png"
+        ),
+    )
+    if any(m.online for m in methods):
+        path = out / "frontier_online.png"
+        figures["frontier_online"] = R.plot_frontier(configs, reference, onpolicy, path)
+    return figures
+
+
+def replot(out: Path) -> dict:
+    """Re-draw the frontier figures of a finished study from its `summary.json` (the methods
+    by name from `methods.BY_NAME`, as the run recorded them); returns the figure paths."""
+    summary = json.loads((out / "summary.json").read_text())
+    methods = []
+    for m in summary["config"]["methods"]:
+        base = ME.BY_NAME[m["name"]]
+        methods.append(dataclasses.replace(base, betas=tuple(m["betas"])))
+    return frontier_figures(summary["configs"], summary["reference"], methods, out)
+
+
+def _online_run(study, method, beta, seed, work, name, sft_dir, d, ref, progress):
+    """Train one on-policy row (`onpolicy.py`); returns (wall seconds, policy, record)."""
+    t0 = time.perf_counter()
+    gen = dict(max_new_tokens=study.max_new_tokens, prompt_length=study.prompt_length)
+    if method.online in OP.ONLINE_METHODS:
+        cfg = OP.online_config(method.online, beta, work / name, scorer=method.scorer,
+                               sft_dir=sft_dir, prompts=work / "data" / "train_prompts.jsonl",
+                               steps=study.steps, batch_size=study.batch_size,
+                               learning_rate=study.learning_rate, seed=seed, **gen)  # fmt: skip
+        ME.train_run(cfg)
+        _, policy = P.load_run(work / name, ref)
+        return time.perf_counter() - t0, policy, dict(method=method.online, steps=study.steps)
+    steps = study.steps // OP.ITERATIONS
+    base = ME.preference_config(method, beta, work / name / "base", sft_dir=sft_dir,
+                                pairs=work / "data" / "train_pairs.jsonl", steps=steps,
+                                batch_size=study.batch_size, learning_rate=study.learning_rate,
+                                seed=seed)  # fmt: skip
+    path, summary = OP.iterative_run(method.online, beta, work / name, base, d["train_prompts"],
+                                     scorer=method.scorer, seed=seed,
+                                     rollout_batch=max(study.sample_chunk // 4, 1),
+                                     progress=progress, **gen)  # fmt: skip
+    loaded = models.load_pretrained(path)
+    policy = P.on_device(nnx.merge(nnx.graphdef(ref), nnx.state(loaded)))
+    record = dict(
+        method=method.online,
+        iterations=OP.ITERATIONS,
+        steps=steps * OP.ITERATIONS,
+        pairs=[it["data"].get("pairs") for it in summary["iterations"]],
+        sample_gold_reward=summary["sample_gold_reward"],
+        iteration_seconds=[it["wall_s"] for it in summary["iterations"]],
+    )
+    return time.perf_counter() - t0, policy, record
 
 
 def _config_dict(study: Study) -> dict:
@@ -425,10 +535,23 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="run only these (comma-separated): " + ",".join(m.name for m in ME.METHODS),
     )
+    ap.add_argument(
+        "--online",
+        action="store_true",
+        help="only DPO's frontier and the on-policy rows (with --full: every beta, 3 seeds; "
+        f"default --out then {OUT_ONLINE_FULL})",
+    )
+    ap.add_argument(
+        "--replot",
+        action="store_true",
+        help="only re-draw the frontier figures of the study in --out from its summary.json",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     if args.quick and args.full:
         ap.error("--quick and --full exclude each other")
+    if args.online and args.methods:
+        ap.error("--online and --methods exclude each other")
     base = QUICK if args.quick else FULL if args.full else Study()
     study = dataclasses.replace(base, seed=args.seed, redraw_dead=args.redraw_dead)
     if args.methods:
@@ -438,8 +561,21 @@ def main(argv: list[str] | None = None) -> dict:
         if unknown:
             ap.error(f"unknown methods {unknown}; choose from {sorted(known)}")
         study = dataclasses.replace(study, methods=tuple(known[n] for n in names))
+    if args.online:
+        keep = {m.name for m in ME.ONLINE_ONLY}
+        pool = ME.ONLINE_ONLY if args.full else study.methods
+        study = dataclasses.replace(study, methods=tuple(m for m in pool if m.name in keep))
+    if args.replot:
+        out = args.out or (OUT_ONLINE_FULL if args.online and args.full else
+                           OUT_FULL if args.full else OUT)  # fmt: skip
+        for name, path in replot(out).items():
+            print(f"{name}: {path}")
+        return {}
     if args.out is None:
-        args.out = OUT_FULL if args.full else OUT
+        if args.online and args.full:
+            args.out = OUT_ONLINE_FULL
+        else:
+            args.out = OUT_FULL if args.full else OUT
     args.out.mkdir(parents=True, exist_ok=True)
     import datasets
 

@@ -1,5 +1,7 @@
 """Controlled sentiment generation: reward vs KL of DPO, IPO, SPPO, TDPO, SparsePO, MaPO and
-DPO + LoRA, and where SparsePO's / MaPO's token masks put their weight.
+DPO + LoRA, and of the on-policy GRPO + KL, RLOO, online DPO, iterative DPO and SPPO's
+self-play loop (`onpolicy.py`: gold reward or a reward model trained on the pairs), and where
+SparsePO's / MaPO's token masks put their weight.
 
 The claim (Christopoulou et al. 2024, SparsePO, arXiv:2410.05102): learned sparse token masks
 reach a better reward-vs-KL frontier than DPO on controlled sentiment generation, and the masks
@@ -12,7 +14,8 @@ weight the tokens that carry the preference. Here at small scale, self-contained
    (lexicon balance) of the completion; pairs labelled by a Bradley-Terry draw with temperature
    `tau` (label noise measured), SPPO's win probabilities from the same gold model (`data.py`).
    Held-out pairs come the same way from the reference's samples on the held-out prompts.
-3. Every method x beta trains on the same pairs with the same budget (`methods.py`).
+3. Every method x beta trains on the same pairs with the same budget (`methods.py`); the
+   on-policy rows sample their own data from the training prompts with the same budget.
 4. Each policy (and the reference) samples M completions per held-out prompt at temperature 1
    (the same random keys for every policy): mean gold reward, and KL(pi || pi_ref) per
    completion by Monte Carlo on the policy's own samples, each with its standard error
@@ -21,12 +24,13 @@ weight the tokens that carry the preference. Here at small scale, self-contained
    neutral tokens, exact zeros, a figure (`masks.py`).
 6. Held-out chosen / rejected log-likelihoods during training, DPO against SPPO (`report.py`).
 
-    python -m experiments.sentiment_control.study            # ~7 min on 2 CPU cores
-    python -m experiments.sentiment_control.study --quick    # ~1 min, a smoke test
+    python -m experiments.sentiment_control.study            # ~7.5 min on 2 CPU cores
+    python -m experiments.sentiment_control.study --quick    # ~3 min, a smoke test
+    python -m experiments.sentiment_control.study --full --online   # DPO + on-policy, 3 seeds
 
 Writes to --out (default experiments/results/sentiment_control): summary.json, table.md,
-frontier.png, masks.png, trajectories.png; the runs (checkpoints, pairs files) under
-<out>/runs, which is git-ignored and replaced on every invocation.
+frontier.png, frontier_online.png, masks.png, trajectories.png, ...; the runs (checkpoints,
+pairs files) under <out>/runs, which is git-ignored and replaced on every invocation.
 """
 
 from __future__ import annotations
@@ -517,7 +521,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help=f"results folder (default {OUT}; with --full: {OUT_FULL})",
     )
-    ap.add_argument("--quick", action="store_true", help="a small configuration (~1 min)")
+    ap.add_argument("--quick", action="store_true", help="a small configuration (~3 min)")
     ap.add_argument(
         "--full",
         action="store_true",

@@ -91,12 +91,15 @@ def test_projection_scores_match_reference(x64):
     layout, axis 0) on the first step of every configuration, and the fixture exercises both
     outcomes on the invariant and the non-invariant matrices."""
     fired = set()
+    # compiled: one program per matrix shape, shared by the configurations (the eager path is
+    # test_radial_projection_matches_numpy_reference's)
+    projection = jax.jit(optim.radial_projection, static_argnums=3)
     for name in META["configs"]:
         params, grads = tree("init/"), tree(f"{name}/grad/", 0)
         axes = optim.flax_channel_axes(params)
         for i, torch_name in enumerate(META["matrices"]):
             module = torch_name.rsplit(".", 1)[0]
-            p = optim.radial_projection(
+            p = projection(
                 params[module]["kernel"],
                 grads[module]["kernel"],
                 grads[module]["kernel"],
@@ -118,10 +121,11 @@ def test_adamp_equals_adamw_where_projection_never_fires(x64):
     ours = optim.adamp(3e-2, weight_decay=0.1, delta=1e-300)
     ref = optax.adamw(3e-2, weight_decay=0.1)
     p1, p2, s1, s2 = params, params, ours.init(params), ref.init(params)
+    update1, update2 = jax.jit(ours.update), jax.jit(ref.update)
     for _ in range(10):
         g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), params)
-        u1, s1 = ours.update(g, s1, p1)
-        u2, s2 = ref.update(g, s2, p2)
+        u1, s1 = update1(g, s1, p1)
+        u2, s2 = update2(g, s2, p2)
         p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
         for k in params:
             assert close(p1[k], p2[k], 1e-13)
@@ -149,10 +153,11 @@ def test_project_radial_around_scale_by_adam_is_adamp(x64):
     )
     ref = make_tx(cfg)
     p1, p2, s1, s2 = params, params, wrapped.init(params), ref.init(params)
+    update1, update2 = jax.jit(wrapped.update), jax.jit(ref.update)
     for step in range(5):
         g = tree("adamp_wd/grad/", step)
-        u1, s1 = wrapped.update(g, s1, p1)
-        u2, s2 = ref.update(g, s2, p2)
+        u1, s1 = update1(g, s1, p1)
+        u2, s2 = update2(g, s2, p2)
         p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         assert close(a, b, 1e-12)

@@ -67,6 +67,18 @@ def trajectory(tx, dtype, *, jit=True):
     return out
 
 
+_UNMASKED = {}
+
+
+def unmasked(opt, dtype, weight_decay=WD, jit=True):
+    """`trajectory(make(opt, weight_decay=weight_decay), dtype, jit=jit)`, the runs without a
+    mask the tests compare against: deterministic, so computed once and shared."""
+    key = (opt, jnp.dtype(dtype).name, weight_decay, jit)
+    if key not in _UNMASKED:
+        _UNMASKED[key] = trajectory(make(opt, weight_decay=weight_decay), dtype, jit=jit)
+    return _UNMASKED[key]
+
+
 def pick(tree, keep):
     """The leaves of `tree` at the paths where `keep(path)` (a non-empty selection)."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -87,6 +99,17 @@ def decayed_paths(path):
 
 
 OPTS = ["adamp", "adamp_nesterov", "sgdp", "sgdp_nesterov"]
+
+
+# Nesterov changes the update direction, not which leaves decay (the mask code is the same):
+# test_masked_out_leaves_are_the_no_decay_run checks the masks with nesterov under jit in the
+# everyday loop, the other mask tests run the nesterov variants with the slow set.
+def nesterov_slow(opt, *more):
+    """pytest.param(opt, *more), with the slow set for a nesterov variant."""
+    return pytest.param(opt, *more, marks=pytest.mark.slow if opt.endswith("_nesterov") else ())
+
+
+SLOW_NESTEROV = [nesterov_slow(o) for o in OPTS]
 
 
 def make(opt, weight_decay=WD, **kw):
@@ -123,20 +146,21 @@ def test_projection_fires_on_the_invariant_kernel_only(dtype):
     assert views == {"inv": 1, "dense": 0}  # 1: the channel view fired, 0: none
 
 
-@pytest.mark.parametrize("opt", OPTS)
+@pytest.mark.parametrize("opt", SLOW_NESTEROV)
 def test_all_true_mask_is_the_unmasked_run(opt, dtype):
     ones = jax.tree.map(lambda _: True, MASK)
-    assert_bitwise(trajectory(make(opt, mask=ones), dtype), trajectory(make(opt), dtype))
+    assert_bitwise(trajectory(make(opt, mask=ones), dtype), unmasked(opt, dtype))
     # A prefix mask: one bool for the whole tree.
-    assert_bitwise(trajectory(make(opt, mask=True), dtype), trajectory(make(opt), dtype))
+    assert_bitwise(trajectory(make(opt, mask=True), dtype), unmasked(opt, dtype))
 
 
-@pytest.mark.parametrize("jit", [True, False])
-@pytest.mark.parametrize("opt", OPTS)
+@pytest.mark.parametrize(
+    "opt,jit", [(o, True) for o in OPTS] + [nesterov_slow(o, False) for o in OPTS]
+)
 def test_masked_out_leaves_are_the_no_decay_run(opt, dtype, jit):
     masked = trajectory(make(opt, mask=MASK), dtype, jit=jit)
-    decayed = trajectory(make(opt), dtype, jit=jit)
-    plain = trajectory(make(opt, weight_decay=0.0), dtype, jit=jit)
+    decayed = unmasked(opt, dtype, jit=jit)
+    plain = unmasked(opt, dtype, weight_decay=0.0, jit=jit)
     for got, on, off in zip(masked, decayed, plain):
         assert_bitwise(pick(got, decayed_paths), pick(on, decayed_paths))
         assert_bitwise(
@@ -147,7 +171,7 @@ def test_masked_out_leaves_are_the_no_decay_run(opt, dtype, jit):
     assert len(u_on) == 5 and all(not np.array_equal(a, b) for a, b in zip(u_on, u_off))
 
 
-@pytest.mark.parametrize("opt", OPTS)
+@pytest.mark.parametrize("opt", SLOW_NESTEROV)
 def test_callable_and_prefix_masks(opt, dtype):
     want = trajectory(make(opt, mask=MASK), dtype)
 
@@ -170,7 +194,7 @@ def test_callable_and_prefix_masks(opt, dtype):
         "ln": {"scale": False},
     }
     matrices = trajectory(make(opt, mask=hf), dtype)
-    decayed, plain = trajectory(make(opt), dtype), trajectory(make(opt, weight_decay=0.0), dtype)
+    decayed, plain = unmasked(opt, dtype), unmasked(opt, dtype, weight_decay=0.0)
     is_matrix = lambda p: p.endswith("['kernel']")  # noqa: E731
     assert_bitwise(pick(matrices, is_matrix), pick(decayed, is_matrix))
     assert_bitwise(
@@ -178,7 +202,7 @@ def test_callable_and_prefix_masks(opt, dtype):
     )
 
 
-@pytest.mark.parametrize("opt", OPTS)
+@pytest.mark.parametrize("opt", SLOW_NESTEROV)
 def test_masks_under_inject_hyperparams(opt, dtype):
     fn = optim.adamp if opt.startswith("adamp") else optim.sgdp
     extra = {} if opt.startswith("adamp") else {"momentum": 0.9}

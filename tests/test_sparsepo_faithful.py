@@ -17,13 +17,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_train_tasks import CFG, first_batch, paired_rows, state_with_other_reference
 
 from alignjax import losses, models
 from alignjax.losses import sparse_mask as SM
 from alignjax.train import builders
 from alignjax.train import config as C
 from alignjax.train import step as S
-from tests.test_train_tasks import CFG, first_batch, paired_rows, state_with_other_reference
 
 
 def _sgd_step(spec, state, batch):
@@ -117,8 +117,9 @@ def test_scaled_init_gives_the_expected_initial_mask():
     and mixer given |LN(h)|^2 = D; "last" has no mixer)."""
     h = jax.random.normal(jax.random.key(1), (2, 4, 16, 64))
     for variant, target in (("all", 0.03), ("last", 0.05)):
-        means = []
-        for seed in range(80):
+
+        @jax.jit  # one program per variant for the 80 seeds
+        def mean_mask(seed, variant=variant, target=target):
             head = SM.SparseMaskHead(
                 2,
                 64,
@@ -126,9 +127,11 @@ def test_scaled_init_gives_the_expected_initial_mask():
                 dropout=0.0,
                 init="scaled",
                 init_mean=target,
-                rngs=nnx.Rngs(seed),
+                rngs=nnx.Rngs(jax.random.key(seed)),  # = nnx.Rngs(seed), traced
             )
-            means.append(float(jnp.mean(head(h))))
+            return jnp.mean(head(h))
+
+        means = [float(mean_mask(seed)) for seed in range(80)]
         se = np.std(means, ddof=1) / np.sqrt(len(means))
         assert abs(np.mean(means) - target) < 4 * se, (variant, np.mean(means), se)
     normal = SM.SparseMaskHead(2, 64, dropout=0.0, init="normal", rngs=nnx.Rngs(0))
@@ -155,7 +158,8 @@ def test_fixed_random_mask_is_a_function_of_token_and_position():
     emb = jax.random.normal(jax.random.key(0), (50, 8))
     ids = jax.random.randint(jax.random.key(1), (4, 12), 0, 50)
     mask = (jnp.arange(12)[None, :] >= jnp.array([[2], [5], [0], [11]])).astype(jnp.int32)
-    m = SM.fixed_random_mask(emb[ids], mask, seed=0)
+    fixed_random_mask = jax.jit(SM.fixed_random_mask, static_argnames="seed")  # integer hashing
+    m = fixed_random_mask(emb[ids], mask, seed=0)
     assert m.shape == (4, 12)
     assert float(jnp.max(jnp.where(mask == 0, m, 0.0))) == 0.0
     inside = np.asarray(m)[np.asarray(mask) == 1]
@@ -163,11 +167,11 @@ def test_fixed_random_mask_is_a_function_of_token_and_position():
     # the same (token, completion position) in another row and batch gives the same weight
     shifted = jnp.roll(ids, 1, axis=0), jnp.roll(mask, 1, axis=0)
     np.testing.assert_array_equal(
-        SM.fixed_random_mask(emb[shifted[0]], shifted[1], seed=0), jnp.roll(m, 1, axis=0)
+        fixed_random_mask(emb[shifted[0]], shifted[1], seed=0), jnp.roll(m, 1, axis=0)
     )
-    other = SM.fixed_random_mask(emb[ids], mask, seed=1)
+    other = fixed_random_mask(emb[ids], mask, seed=1)
     assert float(jnp.mean(jnp.abs(other - m))) > 0.1
-    big = SM.fixed_random_mask(
+    big = fixed_random_mask(
         jax.random.normal(jax.random.key(3), (64, 256, 8)), jnp.ones((64, 256), jnp.int32), seed=0
     )
     # U(0, 1): mean 1/2 and variance 1/12 within 5 standard errors of 16384 draws
@@ -178,7 +182,7 @@ def test_fixed_random_mask_is_a_function_of_token_and_position():
 def test_postnorm_layout_feeds_the_state_after_the_final_norm():
     model = models.LlamaForCausalLM(CFG, rngs=nnx.Rngs(0))
     ids = jnp.arange(10)[None, :] % 50
-    out = model(ids, jnp.ones_like(ids), output_hidden_states=True)
+    out = nnx.jit(lambda m, ids: m(ids, jnp.ones_like(ids), output_hidden_states=True))(model, ids)
     pre = SM.SparsePOMasks().head_inputs(out)
     post = SM.SparsePOMasks(last_state="postnorm").head_inputs(out)
     assert pre.shape == post.shape == (CFG.num_hidden_layers, 1, 10, CFG.hidden_size)

@@ -43,6 +43,10 @@ from alignjax import losses, models, online, ops
 from alignjax.train import online_step as OS
 from alignjax.train import step as S
 
+# Whole tiny runs through the trainer (compiles dominate: ~40 s cold); the losses' parity and
+# oracles are tests/test_losses_xpo_nash.py, in the fast set.
+pytestmark = pytest.mark.slow
+
 T = 0.7
 
 

@@ -345,7 +345,7 @@ def test_dataset_scores_reach_a_user_loss():
     spec = S.StepSpec(loss=gap_weighted)
     batch = jax.tree.map(jnp.asarray, batch)
     moved = jax.tree.map(lambda p: p * 1.5, state.params)  # policy != reference
-    stats = S.token_stats(spec, state, moved, batch)
+    stats = jax.jit(lambda *a: S.token_stats(spec, *a))(state, moved, batch)
     pb = S.loss_batch(spec, batch, stats.logps, stats.mask, stats.ref_logps)
     got = gap_weighted(pb).loss
     per_pair = losses.get("sigmoid")(pb).losses

@@ -6,7 +6,7 @@ row, `ops.token_logps`, the batch split by hand), and the trainer runs these tas
 Tolerances: loss 1e-5 relative, gradients 1e-5 relative to each leaf's largest entry, floored
 at 1e-2 of the largest entry overall (the step uses the fused LM-head kernel, the reference
 dense log-softmax: float32 rounding differs). The losses read float32 sequence log-probs,
-sums of <= 64 per-token values which the jitted step and the eager reference round
+sums of <= 64 per-token values which the step and the reference (two programs) round
 differently (per token up to 3 ulps, sums 1 ulp apart on 4 of 32 rows, measured); one ulp
 (<= 2^-16 at |s| < 256) on every sum moves L by up to sum_i |dL/ds_i| ulp(s_i), relative
 7.0e-6 for SPPO (dL/da = (a - (P - 1/2)/beta) / n, |a - (P - 1/2)/beta| up to 14 at beta 0.1),
@@ -131,7 +131,7 @@ def test_kto_with_mismatched_rows_matches_the_loss_on_dense_logps():
         return losses.get("kto")(ub, beta=0.1).loss
 
     spec = S.StepSpec(task="unpaired", loss="kto", loss_kwargs={"beta": 0.1}, kto_kl=True)
-    check_step(spec, state, batch, direct)
+    check_step(spec, state, batch, jax.jit(direct))
 
 
 def test_bco_carries_trl_running_moments():
@@ -147,14 +147,14 @@ def test_bco_carries_trl_running_moments():
                                     ref_logps=rl[:n])  # fmt: skip
 
     moments = losses.update_reward_moments(
-        state.loss_state, losses.bco_rewards(unpaired(state.params), 0.1)
+        state.loss_state, losses.bco_rewards(jax.jit(unpaired)(state.params), 0.1)
     )
 
     def direct(params):
         return losses.get("bco")(unpaired(params), beta=0.1, delta=moments.mean).loss
 
     spec = S.StepSpec(task="unpaired", loss="bco", loss_kwargs={"beta": 0.1})
-    new, _ = check_step(spec, state, batch, direct)
+    new, _ = check_step(spec, state, batch, jax.jit(direct))
     # The batch mean of rewards beta (s_i - s_ref_i) of float32 sequence sums (module doc): one
     # ulp (<= 2^-16) on each sum moves it by <= 2 beta 2^-16 = 3.1e-6 for any n, which is 1.2e-5
     # of |mean| = 0.25 here as the rewards cancel (measured 3.6e-7 at -O0, 3.0e-6 at -O3).
@@ -179,7 +179,8 @@ def test_sppo_batches_match_the_loss_on_dense_logps(loss):
         )  # fmt: skip
         return losses.get(loss)(pb, **kw).loss
 
-    check_step(S.StepSpec(task="paired", loss=loss, loss_kwargs=kw), state, batch, direct)
+    spec = S.StepSpec(task="paired", loss=loss, loss_kwargs=kw)
+    check_step(spec, state, batch, jax.jit(direct))
 
 
 @pytest.mark.slow  # whole runs through the trainer
@@ -245,7 +246,7 @@ def test_sparsepo_trains_its_mask_heads_like_the_loss(independent):
         return losses.get("sparsepo")(pb, **kw).loss
 
     spec = S.StepSpec(loss="sparsepo", loss_kwargs=kw, independent_masks=independent)
-    new, m = check_step(spec, state, batch, direct)
+    new, m = check_step(spec, state, batch, jax.jit(direct))
     for name in names:  # every head trains (none is dead: ReLU can zero a whole head)
         diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                             state.params["heads"][name], new.params["heads"][name])  # fmt: skip
@@ -267,7 +268,7 @@ def test_mapo_reads_the_reference_activations():
         pb = losses.PreferenceBatch.from_stacked(lp, m, rl, kl=kl, reward_mask=mask)
         return losses.get("mapo")(pb, **kw).loss
 
-    check_step(S.StepSpec(loss="mapo", loss_kwargs=kw), state, batch, direct)
+    check_step(S.StepSpec(loss="mapo", loss_kwargs=kw), state, batch, jax.jit(direct))
 
 
 def test_token_mask_losses_need_the_reference_in_the_step():

@@ -132,11 +132,14 @@ def dense_unlearn_batch(state, params, batch):
     return losses.UnlearnBatch(lp[:n], m[:n], lp[n:], m[n:], rl[:n], rl[n:], kl[n:])
 
 
+# The step's two reference modes with and without the retain KL: npo (frozen), grad_diff + KL
+# (frozen, KL), grad_ascent (none). npo + KL and simnpo take the same step paths (their loss
+# formulas are tests/test_losses_unlearn.py's): with the slow set.
 @pytest.mark.parametrize("loss,kwargs", [
     ("npo", {}),
-    ("npo", {"retain": "kl", "log_ratio": "token_mean"}),
+    pytest.param("npo", {"retain": "kl", "log_ratio": "token_mean"}, marks=pytest.mark.slow),
     ("grad_diff", {"retain": "kl", "retain_weight": 0.5}),
-    ("simnpo", {"gamma": 0.5}),
+    pytest.param("simnpo", {"gamma": 0.5}, marks=pytest.mark.slow),
     ("grad_ascent", {}),
 ])  # fmt: skip
 def test_step_matches_the_loss_on_dense_logps(sets, loss, kwargs):
@@ -157,7 +160,7 @@ def test_step_matches_the_loss_on_dense_logps(sets, loss, kwargs):
             lb = losses.UnlearnBatch(lp[:n], m[:n], lp[n:], m[n:])
         return fn(lb, **kwargs).loss
 
-    _, m = check_step(spec, state, batch, direct)
+    _, m = check_step(spec, state, batch, jax.jit(direct))
     assert np.isfinite(float(m["forget_nll"])) and np.isfinite(float(m["retain_nll"]))
 
 
@@ -175,10 +178,16 @@ def test_needs_follow_the_retain_term():
 # ------------------------------------------------------------------------------ score pass
 
 
-def test_score_pass_sums_each_batch_token_mean_nll_gradient(sets):
+@pytest.fixture(scope="module")
+def score_pass(sets):
+    """A reference-free state, its loader and the score pass over it (shared: deterministic)."""
     state = unlearn_state("grad_ascent", "none")
     ld = loader(sets, batch_size=4)
-    g_f, g_r = TI.nll_gradients(state, ld)
+    return state, ld, TI.nll_gradients(state, ld)
+
+
+def test_score_pass_sums_each_batch_token_mean_nll_gradient(score_pass):
+    state, ld, (g_f, g_r) = score_pass
 
     def nll(params, batch, part):
         model = S.model_of(state, params)
@@ -190,20 +199,26 @@ def test_score_pass_sums_each_batch_token_mean_nll_gradient(sets):
 
     batches = [jax.tree.map(jnp.asarray, b) for _, b in ld.epoch(0)]
     assert len(batches) == 2
+    grad = jax.jit(jax.grad(nll), static_argnums=2)
     for part, got in (("forget", g_f), ("retain", g_r)):
-        want = jax.tree.map(lambda *g: sum(g), *[jax.grad(nll)(state.params, b, part)
-                                                 for b in batches])  # fmt: skip
+        want = jax.tree.map(lambda *g: sum(g), *[grad(state.params, b, part) for b in batches])
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
             scale = float(np.max(np.abs(b)))
             assert scale > 0 and np.max(np.abs(np.asarray(a) - b)) <= 1e-5 * scale, path
 
 
-@pytest.mark.parametrize("layout", [(8, 1), (1, 8)])
-def test_score_pass_and_step_on_8_devices_equal_one(sets, layout):
+@pytest.fixture(scope="module")
+def big_sets():
+    return tokenized(texts(0, 16)), tokenized(texts(16, 8))
+
+
+# (1, 8): the parameters sharded instead of the batch, the sharding rules
+# tests/test_train_sharding.py checks for the step: with the slow set.
+@pytest.mark.parametrize("layout", [(8, 1), pytest.param((1, 8), marks=pytest.mark.slow)])
+def test_score_pass_and_step_on_8_devices_equal_one(big_sets, layout):
     assert jax.device_count() == 8
     spec = S.StepSpec(task="unlearn", loss="npo")
-    big = (tokenized(texts(0, 16)), tokenized(texts(16, 8)))
-    ld = data.UnlearnLoader(*big, data.LoaderConfig(batch_size=8, buckets=(48,)))
+    ld = data.UnlearnLoader(*big_sets, data.LoaderConfig(batch_size=8, buckets=(48,)))
     batch = next(ld.epoch(0))[1]
     results = []
     for placement in (None, MeshPlacement(SH.make_mesh(*layout, 1))):
@@ -257,12 +272,10 @@ def test_masked_updates_keep_weights_bitwise_and_gradient_mode_decays(sets):
         assert moved > 0.9 * sum(int(m.sum()) for m in jax.tree.leaves(mask))
 
 
-def test_wagle_mask_is_the_top_ratio_of_the_score(sets):
-    state = unlearn_state("grad_ascent", "none")
-    ld = loader(sets, batch_size=4)
+def test_wagle_mask_is_the_top_ratio_of_the_score(score_pass):
+    state, ld, (g_f, g_r) = score_pass
     cfg = C.MaskConfig(score="wagle", ratio=0.25)
     mask = TI.compute_mask(cfg, state, ld)
-    g_f, g_r = TI.nll_gradients(state, ld)
     want = I.top_ratio_mask(I.wagle_scores(state.params, g_f, g_r, mu=1e-6), 0.25)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), mask, want)
 

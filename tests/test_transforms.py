@@ -8,10 +8,13 @@ bitwise. Gradients and the op-by-op (disable_jit) comparison, where XLA may fuse
 allow 2 ulps (rtol 2.4e-7) unless a matmul is involved.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -113,22 +116,48 @@ KINDS = [
 ]
 
 
+@functools.cache  # the op-by-op reference, shared by a kernel's variants
 def _eager(kind):
     with jax.disable_jit():
         return _value_and_grad(kind)(DATA)
 
 
+# pmap of every kernel runs in the everyday loop with the batch split over the devices
+# (test_data_parallel_pmap_and_sharding); the replicated pmap variant there for one kernel,
+# for the others with the slow set (TransformsPmapTest).
+PMAP_KIND = "fused_token_logps"
+
+
+def _check_variant(test, kind):
+    run = _value_and_grad(kind)
+    ref = _eager(kind)
+    got = test.variant(run)(DATA)
+    tol = MATMUL_ULPS if kind.startswith("fused") else ULP2
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), **tol)
+
+
+@pytest.mark.slow
+class TransformsPmapTest(chex.TestCase):
+    @chex.variants(with_pmap=True)
+    @parameterized.parameters(*[k for k in KINDS if k != PMAP_KIND])
+    def test_variants_agree(self, kind):
+        """chex's pmap variant (replicated over the devices)."""
+        _check_variant(self, kind)
+
+
 class TransformsTest(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters(*KINDS)
     def test_variants_agree(self, kind):
-        """chex variants: jit, no jit, and pmap (replicated over the devices)."""
-        run = _value_and_grad(kind)
-        ref = _eager(kind)
-        got = self.variant(run)(DATA)
-        tol = MATMUL_ULPS if kind.startswith("fused") else ULP2
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), **tol)
+        """chex variants: jit and no jit."""
+        _check_variant(self, kind)
+
+    @chex.variants(with_pmap=True)
+    @parameterized.parameters((PMAP_KIND,))
+    def test_pmap_variant_agrees(self, kind):
+        """chex's pmap variant (replicated over the devices)."""
+        _check_variant(self, kind)
 
     @parameterized.parameters(*KINDS)
     def test_data_parallel_pmap_and_sharding(self, kind):

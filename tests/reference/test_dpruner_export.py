@@ -8,6 +8,9 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
+import save_dpruner_model
+from flax import nnx
 from safetensors.numpy import load_file
 from save_dpruner_model import OUT, SRC, dpruner_masks, save_pruned
 from test_hf_models import close_on
@@ -19,7 +22,14 @@ def _hf_name(path):
     return path.removesuffix("/kernel").replace("/", ".") + ".weight"
 
 
-def test_committed_dpruner_checkpoint_is_what_the_pipeline_writes(tmp_path):
+@pytest.fixture(scope="module")
+def masks():
+    """The pipeline's masks (deterministic, float64), computed once for the two tests below."""
+    return dpruner_masks()
+
+
+def test_committed_dpruner_checkpoint_is_what_the_pipeline_writes(tmp_path, masks, monkeypatch):
+    monkeypatch.setattr(save_dpruner_model, "dpruner_masks", lambda: masks)  # save_pruned's
     fresh, report = save_pruned(tmp_path / "llama_dpruner")
     assert json.loads((fresh / "config.json").read_text()) == json.loads(
         (OUT / "config.json").read_text()
@@ -31,8 +41,7 @@ def test_committed_dpruner_checkpoint_is_what_the_pipeline_writes(tmp_path):
         np.testing.assert_array_equal(a[k], b[k])
 
 
-def test_zeros_are_where_the_masks_say():
-    masks = dpruner_masks()
+def test_zeros_are_where_the_masks_say(masks):
     assert len(masks) == 7 * 2
     original = load_file(str(SRC / "model.safetensors"))
     pruned = load_file(str(OUT / "model.safetensors"))
@@ -60,12 +69,17 @@ def test_transformers_logits_of_the_pruned_checkpoint_match():
     assert meta["transformers"] == "5.23.0" and meta["torch"].startswith("2.13.0")
     assert not any(meta["loading_info"][k] for k in ("missing_keys", "unexpected_keys"))
     model = models.load_pretrained(OUT)
-    res = model(
+
+    @nnx.jit  # one program, not an eager forward
+    def forward(model, ids, mask, positions):
+        return model.logits(model(ids, mask, positions=positions).last_hidden_state)
+
+    logits = forward(
+        model,
         jnp.asarray(ran["input_ids"]),
         jnp.asarray(ran["attention_mask"]),
-        positions=jnp.asarray(ran["position_ids"]),
+        jnp.asarray(ran["position_ids"]),
     )
-    logits = model.logits(res.last_hidden_state)
     close_on(ran["attention_mask"], logits, ran["logits"], 1e-4)
     # Pruning changed the function: the unpruned fixture's logits are far from these.
     unpruned = np.load(SRC / "outputs.npz")["logits"]

@@ -101,6 +101,11 @@ def test_gradients_match_analytic_float64(rng, x64):
     assert np.all(np.asarray(d_ref) == 0.0)  # the reference is a constant
 
 
+# Finite differences check the gradient formula, which the row chunks do not change (their
+# gradients equal the analytic ones to 1e-12 above): with 2-row chunks, with the slow set.
+@pytest.mark.parametrize(
+    "row_chunking", ["one_chunk", pytest.param("row_chunks", marks=pytest.mark.slow)], indirect=True
+)
 @pytest.mark.parametrize("kernel", ["logps", "entropy", "kl"])
 def test_gradients_finite_differences(rng, x64, kernel):
     z, zr, y, m = make(rng, np.float64, scale=1.0)

@@ -125,7 +125,7 @@ def _eager(kind):
 # pmap of every kernel runs in the everyday loop with the batch split over the devices
 # (test_data_parallel_pmap_and_sharding); the replicated pmap variant there for one kernel,
 # for the others with the slow set (TransformsPmapTest).
-PMAP_KIND = "fused_token_logps"
+PMAP_KIND = "token_logps"
 
 
 def _check_variant(test, kind):

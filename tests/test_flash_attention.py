@@ -381,3 +381,36 @@ def test_llama_blockwise_applies_the_mistral_sliding_window(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="sliding window 40"):  # the KV-cache decode refuses
         models.generate(blockwise, ids[:, :38], mask[:, :38], max_new_tokens=3)
+
+
+def test_auto_is_grouped_up_to_256_positions_and_blockwise_beyond(models_pair):
+    """On CPU "auto" takes the dense grouped path (a [B, 1, T, T] mask) for full sequences of up
+    to `AUTO_BLOCKWISE_ABOVE` = 256 positions and "blockwise" (a 2-D `SequenceMask`) beyond:
+    the "auto" Llama's logits are bitwise those of the named implementation on each side of the
+    threshold (the same program), and "auto" at 300 tokens equals "grouped" to 1e-5."""
+    from alignjax.models.attention import AUTO_BLOCKWISE_ABOVE, attention_masks
+    from alignjax.models.attention import resolved_implementation as resolved
+    from alignjax.models.flash_attention import SequenceMask
+
+    assert jax.default_backend() == "cpu" and AUTO_BLOCKWISE_ABOVE == 256
+    assert resolved("auto", 256) == "grouped" and resolved("auto", 257) == "blockwise"
+    assert resolved("grouped", 4096) == "grouped" and resolved("blockwise", 8) == "blockwise"
+    assert isinstance(attention_masks(jnp.ones((2, 257)), None, "auto"), SequenceMask)
+    assert attention_masks(jnp.ones((2, 256)), None, "auto").shape == (2, 1, 256, 256)
+    # A Mistral window is applied past its length where "auto" means "blockwise" only.
+    mistral = models.LlamaConfig(**{**CFG.__dict__, "model_type": "mistral", "sliding_window": 40})
+    mistral.check_length(300, full_sequence=True)
+    with pytest.raises(ValueError, match="sliding window 40"):
+        mistral.check_length(200, full_sequence=True)
+    grouped, blockwise = models_pair
+    auto = models.LlamaForCausalLM(models.LlamaConfig(**CFG.__dict__), rngs=nnx.Rngs(0))
+    assert auto.config.attention_implementation == "auto"
+    rng = np.random.default_rng(6)
+    for t, same in ((256, grouped), (300, blockwise)):
+        ids = jnp.asarray(rng.integers(1, 50, (2, t)))
+        mask = np.ones((2, t), np.int32)
+        mask[0, :21], mask[1, t - 30 :] = 0, 0  # left and right padding
+        got = auto.logits(auto(ids, jnp.asarray(mask)).last_hidden_state)
+        np.testing.assert_array_equal(got, same.logits(same(ids, mask).last_hidden_state))
+        want = grouped.logits(grouped(ids, mask).last_hidden_state)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -319,3 +319,110 @@ def test_partial_requests(rng):
     dh = jax.grad(lambda h: jnp.sum(g * L.fused_token_entropy(h, w, m, bias=b)))(h)
     want = np.einsum("btv,dv->btd", R.grad_entropy(z, gm), w.astype(np.float64))
     assert rel(dh, want) <= 1e-5
+
+
+# ------------------------------------------------------------ the kept span (prompt skipping)
+
+T13 = 13
+
+
+def span_mask(kind):
+    """[B, 13] masks of [prompt | completion | padding] rows: the head runs over the span from
+    the first to the last position any row keeps, in chunks starting at its first position."""
+    m = np.zeros((B, T13), np.int32)
+    if kind == "inside":  # span [4, 10): chunks of 3 at 4, 7
+        m[0, 4:9], m[1, 6:10] = 1, 1
+    elif kind == "clamped":  # span [5, 13): chunks at 5, 8 and 10 (moved back; 10 seen twice)
+        m[0, 5:13], m[1, 7:11] = 1, 1
+    elif kind == "one":  # a single kept position
+        m[1, 12] = 1
+    elif kind == "holes":  # masked positions inside the span are still skipped per position
+        m[0, 2:4], m[1, 9:12] = 1, 1
+    return m  # "none": nothing kept
+
+
+@pytest.mark.parametrize("kind", ["inside", "clamped", "one", "holes", "none"])
+def test_kept_span_values_and_gradients(rng, kind):
+    """Values against float64 NumPy (1e-6) and gradients against the naive graph (1e-5), as
+    above; the chunk that is moved back overlaps the one before it and must not count its
+    positions twice (the gradients would double there)."""
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    h, w, b, hr, wr, br = f(B, T13, D), f(D, V), f(V), f(B, T13, D), f(D, V), f(V)
+    y = rng.integers(0, V, (B, T13)).astype(np.int32)
+    m = span_mask(kind)
+    c = rng.standard_normal((3, B, T13)).astype(np.float32)
+    s = fused_all(h, w, b, hr, wr, br, y, m, 4.0, 0.7, 3, 5, 4 * D * 3)
+    z, r = R.head_logits(h, w, b, 4.0, 0.7), R.head_logits(hr, wr, br, 4.0, 0.7)
+    for out, ref in zip(
+        s,
+        (
+            R.token_logps(z, y, m),
+            R.token_entropy(z, m),
+            R.token_logps(r, y, m),
+            R.token_kl(z, r, m),
+        ),
+    ):
+        np.testing.assert_array_equal(np.asarray(out)[m == 0], 0.0)
+        if m.any():
+            assert rel(out, ref) <= 1e-6
+
+    def loss_fused(h, w, b):
+        s = fused_all(h, w, b, hr, wr, br, y, m, 4.0, 0.7, 3, 5, 4 * D * 3)
+        return jnp.sum(c[0] * s.logps + c[1] * s.entropy + c[2] * s.kl)
+
+    def loss_naive(h, w, b):
+        lp, ent, kl = naive_stats(h, w, b, hr, wr, br, y, m, 4.0, 0.7)
+        return jnp.sum(c[0] * lp + c[1] * ent + c[2] * kl)
+
+    got = jax.jit(jax.grad(loss_fused, (0, 1, 2)))(h, w, b)
+    want = jax.jit(jax.grad(loss_naive, (0, 1, 2)))(h, w, b)
+    for g1, g2, name in zip(got, want, ("hidden", "unembed", "bias")):
+        if m.any():
+            assert rel(g1, g2) <= 1e-5, name
+        else:
+            assert np.all(np.asarray(g1) == 0.0), name
+
+
+def test_kept_span_bounds():
+    from alignjax.ops._fused import kept_span
+
+    for kind, want in (
+        ("inside", (4, 10)),
+        ("clamped", (5, 13)),
+        ("one", (12, 13)),
+        ("none", (0, 0)),
+    ):
+        assert tuple(np.asarray(kept_span(jnp.asarray(span_mask(kind) != 0)))) == want, kind
+
+
+def test_kept_span_skips_the_prompt_matmuls(monkeypatch):
+    """The LM-head matmuls that run, counted per execution (a callback in `_logits`): 16
+    positions in chunks of 4, policy log-probs, forward + backward (one matmul each per chunk).
+    A mask keeping the last 4 positions runs 1 chunk each way; no mask runs all 4; a mask that
+    also keeps position 0 spans everything again."""
+    from alignjax.ops import _fused
+
+    calls = []
+    original = _fused._logits
+
+    def counted(*args):
+        jax.debug.callback(lambda: calls.append(1))
+        return original(*args)
+
+    monkeypatch.setattr(_fused, "_logits", counted)
+    h, w = jnp.ones((2, 16, 4)), jnp.ones((4, 8))
+    y = jnp.zeros((2, 16), jnp.int32)
+    keep = np.zeros((2, 16), np.int32)
+    keep[:, 12:] = 1
+
+    def matmuls(mask):
+        calls.clear()
+        f = lambda h, w: L.fused_token_logps(h, w, y, mask, chunk_size=4).sum()  # noqa: E731
+        jax.block_until_ready(jax.jit(jax.value_and_grad(f, (0, 1)))(h, w))
+        jax.effects_barrier()
+        return len(calls)
+
+    assert matmuls(keep) == 2
+    assert matmuls(None) == 8
+    keep[1, 0] = 1
+    assert matmuls(keep) == 8

@@ -20,12 +20,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
+    "AUTO_BLOCKWISE_ABOVE",
     "attention",
     "attention_mask_4d",
     "attention_masks",
     "causal_attention",
     "default_positions",
     "grouped_query_attention",
+    "resolved_implementation",
     "rope_frequencies",
     "apply_rope",
 ]
@@ -91,6 +93,24 @@ SEQUENCE_MASK_IMPLEMENTATIONS = ("blockwise", *PALLAS_IMPLEMENTATIONS)
 WINDOWED_IMPLEMENTATIONS = ("blockwise", "pallas_splash")
 
 
+# On CPU, "auto" is "grouped" up to this many positions and "blockwise" beyond (a full-sequence
+# causal forward): measured on 2 CPU cores with the head-to-head model's DPO step
+# (benchmarks/trl_head_to_head.py), the two are equally fast at 128 and 256 tokens per row and
+# "blockwise" is faster from 512 on, where it also keeps O(T) instead of O(T^2) memory.
+AUTO_BLOCKWISE_ABOVE = 256
+
+
+def resolved_implementation(implementation: str, length: int) -> str:
+    """The kernel `implementation` means for a full causal sequence of `length` positions:
+    "auto" is "grouped" (length <= AUTO_BLOCKWISE_ABOVE) or "blockwise" on CPU, "jax" elsewhere;
+    any other name is itself."""
+    if implementation != "auto":
+        return implementation
+    if jax.default_backend() != "cpu":
+        return "jax"
+    return "blockwise" if length > AUTO_BLOCKWISE_ABOVE else "grouped"
+
+
 def _window_band(t: int, window: int) -> jax.Array:
     """[1, 1, T, T]: key j within the causal window of query i (i - window < j)."""
     i = jnp.arange(t)
@@ -116,7 +136,9 @@ def attention(
     - "pallas_splash" / "pallas_flash": JAX's Pallas TPU kernels (`pallas_attention`), TPU
       only (a ValueError elsewhere), for a `SequenceMask` and `causal`; given a dense mask they
       fall back to "auto" as "blockwise" does. Tested in Pallas' interpret mode on CPU only.
-    - "auto": "grouped" on CPU, "jax" elsewhere.
+    - "auto": on CPU "blockwise" when `attention_masks` gave a `SequenceMask` (a full sequence
+      longer than AUTO_BLOCKWISE_ABOVE positions, `resolved_implementation`), else "grouped";
+      "jax" elsewhere.
 
     `window`: a causal sliding window (key j visible to query i only if i - window < j), as
     Mistral's `sliding_window`, for causal self-attention (T == S); ignored otherwise (the
@@ -126,6 +148,8 @@ def attention(
     All of them are exact up to float rounding (tests compare "grouped" with "jax",
     "blockwise" and, in interpret mode, the Pallas kernels).
     """
+    if implementation == "auto" and isinstance(mask, SequenceMask):
+        implementation = "blockwise"
     if implementation in SEQUENCE_MASK_IMPLEMENTATIONS:
         if isinstance(mask, SequenceMask):
             if not causal:
@@ -166,7 +190,9 @@ def attention_masks(
 ) -> jax.Array | SequenceMask:
     """The mask `attention(..., implementation=implementation, causal=True)` takes for a full
     sequence: the 2-D `SequenceMask` for "blockwise" and the Pallas kernels (never a
-    [B, 1, T, T] array), else `attention_mask_4d`."""
+    [B, 1, T, T] array), and for "auto" where it means "blockwise" (`resolved_implementation`),
+    else `attention_mask_4d`."""
+    implementation = resolved_implementation(implementation, attention_mask.shape[-1])
     if implementation in SEQUENCE_MASK_IMPLEMENTATIONS:
         return SequenceMask(attention_mask.astype(bool), segment_ids)
     return attention_mask_4d(attention_mask, segment_ids)

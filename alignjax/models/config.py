@@ -8,7 +8,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from alignjax.models.attention import ATTENTION_IMPLEMENTATIONS, WINDOWED_IMPLEMENTATIONS
+from alignjax.models.attention import (
+    ATTENTION_IMPLEMENTATIONS,
+    WINDOWED_IMPLEMENTATIONS,
+    resolved_implementation,
+)
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -117,15 +121,17 @@ class LlamaConfig:
         it equals full causal attention, so rows up to the window are exact everywhere. Past
         it, only the model's forward over a full sequence (`full_sequence`) with an
         implementation that skips the keys outside the window ("blockwise",
-        "pallas_splash") and a Mistral window (`attention_window`) computes it; the dense
-        paths and the KV-cache decode refuse such rows."""
+        "pallas_splash", or "auto" where it resolves to "blockwise") and a Mistral window
+        (`attention_window`) computes it; the dense paths and the KV-cache decode refuse such
+        rows."""
         window = self.sliding_window
         if window is None or length <= window:
             return
         if (
             full_sequence
             and self.attention_window is not None
-            and self.attention_implementation in WINDOWED_IMPLEMENTATIONS
+            and resolved_implementation(self.attention_implementation, length)
+            in WINDOWED_IMPLEMENTATIONS
         ):
             return
         raise ValueError(

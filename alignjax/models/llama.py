@@ -8,10 +8,11 @@ onto it by renaming alone (`checkpoint.py`), with kernels transposed to the Flax
     last_hidden_state = rms_norm(h);  logits = last_hidden_state @ unembed
 
 Attention takes a boolean mask that combines causality, padding and packed segments
-(`attention_mask_4d`); `config.attention_implementation` picks the kernel (`attention`): on CPU
-our grouped-query form, which skips the key blocks that causality hides, elsewhere
-`jax.nn.dot_product_attention` (optionally its cuDNN kernel); "blockwise" takes the 2-D masks
-instead (`attention_masks`) and never holds [B, H, T, T] scores. Positions
+(`attention_mask_4d`); `config.attention_implementation` picks the kernel (`attention`): "auto"
+is on CPU our grouped-query form, which skips the key blocks that causality hides, up to 256
+positions and "blockwise" beyond, elsewhere `jax.nn.dot_product_attention` (optionally its cuDNN
+kernel); "blockwise" takes the 2-D masks instead (`attention_masks`) and never holds
+[B, H, T, T] scores. Positions
 default to `cumsum(attention_mask) - 1` (left padding works), or restart at every packed segment.
 """
 

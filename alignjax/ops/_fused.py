@@ -78,6 +78,36 @@ def blocked_loop(body, carry, total: int, block: int):
     return carry
 
 
+def kept_span(keep: jax.Array) -> jax.Array:
+    """int32 (lo, hi): the positions [lo, hi) between the first and the last position that any
+    row of `keep` ([B, T] bool) keeps; (0, 0) when none is kept."""
+    any_row = jnp.any(keep, axis=0)
+    length = keep.shape[1]
+    lo = jnp.argmax(any_row)
+    hi = length - jnp.argmax(any_row[::-1])
+    found = jnp.any(any_row)
+    return jnp.stack([jnp.where(found, lo, 0), jnp.where(found, hi, 0)]).astype(jnp.int32)
+
+
+def span_loop(body, carry, total: int, block: int, span):
+    """`blocked_loop` over the positions [lo, hi) of `span` only (None: all of [0, total)), for
+    `body(carry, start, size, fresh)`. Blocks of `block` positions start at lo, lo + block, ...
+    (a traced trip count); the last is moved back to end at `total` when it would run past it,
+    and `fresh` ([size] bool, None on the static path) marks the positions that no earlier block
+    covered, so that a body writes, and accumulates, each position exactly once."""
+    if span is None or total <= block:
+        return blocked_loop(lambda c, s, n: body(c, s, n, None), carry, total, block)
+    lo, hi = span[0], span[1]
+    offsets = jnp.arange(block)
+
+    def step(i, c):
+        want = lo + i * block
+        start = jnp.minimum(want, total - block)
+        return body(c, start, block, start + offsets >= want)
+
+    return lax.fori_loop(0, (hi - lo + block - 1) // block, step, carry)
+
+
 def _slice(x, start, size: int, axis: int):
     if x is None:
         return None
@@ -222,12 +252,19 @@ def _stat_keys(cfg: HeadConfig) -> list[str]:
     return keys
 
 
-def _forward(cfg: HeadConfig, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias):
+def _forward(
+    cfg: HeadConfig, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias, span
+):
     dt = _compute_dtype(hidden, unembed, bias, ref_hidden, ref_unembed, ref_bias)
     batch, length = hidden.shape[:2]
     params = (unembed, bias, ref_unembed, ref_bias)
 
-    def body(acc, start, size):
+    def put(v, new, start, size, fresh):
+        if fresh is not None:
+            new = jnp.where(fresh, new, _slice(v, start, size, 1))
+        return lax.dynamic_update_slice_in_dim(v, new, start, 1)
+
+    def body(acc, start, size, fresh):
         st = _chunk_stats(
             cfg,
             dt,
@@ -236,32 +273,38 @@ def _forward(cfg: HeadConfig, hidden, unembed, bias, labels, ref_hidden, ref_une
             _slice(labels, start, size, 1),
             _slice(ref_hidden, start, size, 1),
         )
-        return {k: lax.dynamic_update_slice_in_dim(v, st[k], start, 1) for k, v in acc.items()}
+        return {k: put(v, st[k], start, size, fresh) for k, v in acc.items()}
 
     init = {k: jnp.zeros((batch, length), dt) for k in _stat_keys(cfg)}
-    stats = blocked_loop(body, init, length, cfg.chunk_size)
+    stats = span_loop(body, init, length, cfg.chunk_size, span)
     outputs = tuple(stats.get(k) for k in ("logps", "entropy", "ref_logps", "kl"))
     return outputs, stats
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def fused_head(cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias):
-    """(logps, entropy, ref_logps, kl), each [B, T] or None when not requested by `cfg`."""
-    return _forward(cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias)[0]
+def fused_head(cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias, span=None):
+    """(logps, entropy, ref_logps, kl), each [B, T] or None when not requested by `cfg`.
+
+    `span` (`kept_span` of the caller's mask, or None): only the positions [lo, hi) are
+    computed, forward and backward; the values elsewhere are unspecified (zeros) and their
+    cotangents must be zero: the caller masks them."""
+    args = (hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias, span)
+    return _forward(cfg, *args)[0]
 
 
-def _fused_head_fwd(cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias):
-    outputs, stats = _forward(cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias)
+def _fused_head_fwd(cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias, span):
+    args = (hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias, span)
+    outputs, stats = _forward(cfg, *args)
     keep = {k: v for k, v in stats.items() if k in ("m", "ls", "entropy", "mr", "lsr")}
     # Residuals: the caller's own arrays (no copies) and [B, T] statistics.
-    return outputs, ((hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias), keep)
+    return outputs, (args, keep)
 
 
 # --------------------------------------------------------------------------------- backward
 
 
 def _fused_head_bwd(cfg, res, cotangents):
-    (hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias), keep = res
+    (hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias, span), keep = res
     g_lp, g_ent, _, g_kl = cotangents
     dt = keep["ls"].dtype
     g_lp = g_lp.astype(dt) if cfg.want_logps else None
@@ -304,25 +347,33 @@ def _fused_head_bwd(cfg, res, cotangents):
 
         return body
 
-    def chunk_body(carry, start, size):
+    def chunk_body(carry, start, size, fresh):
         d_hidden, dw, db = carry
 
         def rows(x):
             return _slice(x, start, size, 1)
+
+        def fresh_rows(g):
+            # A position an earlier block covered has had its cotangent applied there.
+            g = rows(g)
+            return g if g is None or fresh is None else jnp.where(fresh, g, 0.0)
 
         h = rows(hidden)
         body = vocab_body_for(
             h,
             rows(labels),
             rows(ref_hidden),
-            rows(g_lp),
-            rows(g_ent),
-            rows(g_kl),
+            fresh_rows(g_lp),
+            fresh_rows(g_ent),
+            fresh_rows(g_kl),
             {k: rows(v) for k, v in keep.items()},
         )
         dh = jnp.zeros(h.shape, dt)
         dh, dw, db = blocked_loop(body, (dh, dw, db), unembed.shape[1], cfg.vocab_chunk_size)
-        d_hidden = lax.dynamic_update_slice_in_dim(d_hidden, dh.astype(hidden.dtype), start, 1)
+        dh = dh.astype(hidden.dtype)
+        if fresh is not None:
+            dh = jnp.where(fresh[:, None], dh, rows(d_hidden))
+        d_hidden = lax.dynamic_update_slice_in_dim(d_hidden, dh, start, 1)
         return d_hidden, dw, db
 
     init = (
@@ -330,10 +381,10 @@ def _fused_head_bwd(cfg, res, cotangents):
         jnp.zeros(unembed.shape, dt),
         None if bias is None else jnp.zeros(bias.shape, dt),
     )
-    d_hidden, dw, db = blocked_loop(chunk_body, init, hidden.shape[1], cfg.chunk_size)
+    d_hidden, dw, db = span_loop(chunk_body, init, hidden.shape[1], cfg.chunk_size, span)
     d_bias = None if bias is None else db.astype(bias.dtype)
-    # The reference side is a constant: None cotangents (zeros, never materialised).
-    return d_hidden, dw.astype(unembed.dtype), d_bias, None, None, None, None
+    # The reference side and the span are constants: None cotangents (zeros, never materialised).
+    return d_hidden, dw.astype(unembed.dtype), d_bias, None, None, None, None, None
 
 
 fused_head.defvjp(_fused_head_fwd, _fused_head_bwd)

@@ -34,7 +34,13 @@ import jax.numpy as jnp
 
 from alignjax.ops import _checks as C
 from alignjax.ops._dense import dense_entropy, dense_kl, dense_logps
-from alignjax.ops._fused import DEFAULT_CHUNK_ELEMENTS, HeadConfig, auto_chunk_size, fused_head
+from alignjax.ops._fused import (
+    DEFAULT_CHUNK_ELEMENTS,
+    HeadConfig,
+    auto_chunk_size,
+    fused_head,
+    kept_span,
+)
 from alignjax.ops._reductions import (
     completion_positions,
     ld_prefix_lengths,
@@ -211,7 +217,10 @@ def fused_token_stats(
       hidden: `[B, T, D]` (or `[T, D]`) final hidden states of the policy.
       unembed: `[D, V]` LM-head kernel (Flax layout; transpose a tied `[V, D]` embedding).
       labels: `[B, T]` int, required for log-probs (computed whenever labels are given).
-      mask: `[B, T]` 0/1; masked positions are 0 in every output and get no gradient.
+      mask: `[B, T]` 0/1; masked positions are 0 in every output and get no gradient. The LM
+        head runs only over the positions from the first to the last one that any row keeps
+        (in chunks of `chunk_size` starting there), forward and backward: a loss on right-padded
+        [prompt | completion] rows does not pay for the prompts' logits.
       bias: optional `[V]` LM-head bias.
       entropy: also return the policy entropy.
       ref_hidden, ref_unembed, ref_bias: the reference model's head, for `ref_logps` / `kl`.
@@ -291,7 +300,10 @@ def fused_token_stats(
         ref_hidden = jax.lax.stop_gradient(ref_hidden)
         ref_unembed = jax.lax.stop_gradient(ref_unembed)
         ref_bias = None if ref_bias is None else jax.lax.stop_gradient(ref_bias)
-    outs = fused_head(cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias)
+    # With a mask, the LM head runs only over the positions between the first and the last one
+    # that any row keeps (a completion-only loss skips the prompts' logits, forward and backward).
+    span = None if mask is None else kept_span(keep if not squeeze else keep[None])
+    outs = fused_head(cfg, hidden, unembed, bias, labels, ref_hidden, ref_unembed, ref_bias, span)
     if squeeze:
         outs = tuple(None if o is None else o[0] for o in outs)
     lp, ent, rlp, kl_out = outs

@@ -100,6 +100,35 @@ def test_values_and_gradients_match_dense(case, heads, kv):
     assert np.abs(np.asarray(got_grads[1])).max() > 0.1  # a real gradient, not all zeros
 
 
+def test_default_blocks_of_256_from_1024_positions():
+    """`default_block`: 128 below 1024 positions, 256 from 1024 on. At T = 1030 (four blocks of
+    256 and a padded fifth), causal with right padding, values and gradients equal the dense path
+    as in the test above."""
+    from alignjax.models.flash_attention import default_block
+
+    assert (default_block(1023), default_block(1024), default_block(8192)) == (128, 256, 256)
+    rng = np.random.default_rng(7)
+    t = 1030
+    q = jnp.asarray(rng.standard_normal((1, t, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(x, jnp.float32) for x in rng.standard_normal((2, 1, t, 2, 8)))
+    ct = jnp.asarray(rng.standard_normal((1, t, 4, 8)), jnp.float32)
+    valid = np.ones((1, t), bool)
+    valid[0, 1000:] = False
+    mask = dense_mask(valid)
+
+    def blockwise(q, k, v):
+        return blockwise_attention(q, k, v, key_valid=jnp.asarray(valid))
+
+    def dense(q, k, v):
+        return models.grouped_query_attention(q, k, v, mask)
+
+    got_out, got_grads = value_and_grads(blockwise, q, k, v, ct)
+    want_out, want_grads = value_and_grads(dense, q, k, v, ct)
+    np.testing.assert_allclose(got_out, want_out, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip("qkv", got_grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
+
+
 def test_offsets_and_key_blocks_skipped_by_positions():
     """Queries after a prefix (positions offset by 20 against 65 keys) with separate query / key
     segment ids, against the dense mask built from the same positions."""

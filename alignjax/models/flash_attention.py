@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["SequenceMask", "blockwise_attention"]
+__all__ = ["SequenceMask", "blockwise_attention", "default_block"]
 
 
 class SequenceMask(NamedTuple):
@@ -207,19 +207,22 @@ def _flash_bwd(lay, res, d_out):
                 kvl, ks,
             )  # fmt: skip
             p = jnp.exp(s - _slice(lse, qs, qb, 3)[..., None])  # [B, KV, G, qb, kb]
+            # dV and dK are accumulated transposed ([d, kb]): the products contract over the
+            # queries, and XLA:CPU's fast matmul wants the contracted axis last on its left
+            # operand, so it transposes the small [q, d] operand instead of P / dS ([q, kb]).
             dv = dv + jnp.einsum(
-                "bkgqs,bkgqd->bksd", p.astype(d_out.dtype), doi, preferred_element_type=jnp.float32
+                "bkgqd,bkgqs->bkds", doi, p.astype(d_out.dtype), preferred_element_type=jnp.float32
             )
             dp = jnp.einsum("bkgqd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
             ds = (p * (dp - _slice(delta, qs, qb, 3)[..., None]) * scale).astype(q.dtype)
             dqi = jnp.einsum("bkgqs,bksd->bkgqd", ds, kj, preferred_element_type=jnp.float32)
             dq = lax.dynamic_update_slice_in_dim(dq, _slice(dq, qs, qb, 3) + dqi, qs, 3)
-            dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds, qi, preferred_element_type=jnp.float32)
+            dk = dk + jnp.einsum("bkgqd,bkgqs->bkds", qi, ds, preferred_element_type=jnp.float32)
             return dq, dk, dv
 
-        zeros = jnp.zeros((b, kvh, kb, d), jnp.float32)
+        zeros = jnp.zeros((b, kvh, d, kb), jnp.float32)
         dq, dk, dv = lax.fori_loop(lo[j], hi[j], q_step, (dq, zeros, zeros))
-        return dq, (dk, dv)
+        return dq, (dk.swapaxes(-1, -2), dv.swapaxes(-1, -2))
 
     dq0 = jnp.zeros(q.shape, jnp.float32)
     dq, (dk, dv) = lax.scan(kv_step, dq0, jnp.arange(sp // kb))
@@ -232,6 +235,14 @@ def _flash_bwd(lay, res, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def default_block(length: int) -> int:
+    """The default block size for `length` queries or keys: 128, or 256 from 1024 on. Measured
+    on 2 CPU cores (forward + backward, 8 query / 4 key-value heads of 32, causal): 256 is
+    1.3-1.4x faster than 128 at 1024-4096 positions and slower below 1024, where it leaves
+    fewer blocks for causality to skip and pads more."""
+    return 256 if length >= 1024 else 128
+
+
 def blockwise_attention(
     q: jax.Array,
     k: jax.Array,
@@ -241,8 +252,8 @@ def blockwise_attention(
     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
     causal: bool = True,
     window: int | None = None,
-    q_block: int = 128,
-    kv_block: int = 128,
+    q_block: int | None = None,
+    kv_block: int | None = None,
     q_positions: jax.Array | None = None,
     k_positions: jax.Array | None = None,
 ) -> jax.Array:
@@ -257,7 +268,8 @@ def blockwise_attention(
         ([B, T] query ids, [B, S] key ids); a query sees keys of its own segment only.
       causal: key j visible to query i only if p_k[j] <= p_q[i].
       window: sliding window: additionally p_q[i] - window < p_k[j].
-      q_block, kv_block: block sizes (T and S are padded to multiples internally).
+      q_block, kv_block: block sizes (T and S are padded to multiples internally); default
+        (None) `default_block(T)` / `default_block(S)`: 128, or 256 from 1024 positions on.
       q_positions, k_positions: [T] / [B, T] and [S] / [B, S] int positions for the causal and
         window tests (default 0, 1, ...; e.g. an offset for queries after a cache).
 
@@ -274,6 +286,8 @@ def blockwise_attention(
     if heads % kvh:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kvh})")
     g = heads // kvh
+    q_block = default_block(t) if q_block is None else q_block
+    kv_block = default_block(s) if kv_block is None else kv_block
     qb, kb = min(q_block, t), min(kv_block, s)
     tp, sp = -(-t // qb) * qb, -(-s // kb) * kb
     if isinstance(segment_ids, tuple | list):

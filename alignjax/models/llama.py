@@ -40,6 +40,7 @@ from alignjax.models.config import (  # noqa: F401  (re-exported: models.llama.L
     LlamaConfig,
     canonical_dtype,
 )
+from alignjax.models.projection import projection_dot_general
 
 
 def _canonical_lin(lin: dict) -> dict:
@@ -66,7 +67,11 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(n_in, n_out, bias, cfg_kw, rngs):
-    return nnx.Linear(n_in, n_out, use_bias=bias, rngs=rngs, **cfg_kw)
+    """A decoder projection: `nnx.Linear` whose matmul has the CPU-friendly weight gradient of
+    `projection.projection_dot_general` (the same forward; autodiff's values up to sum order)."""
+    return nnx.Linear(
+        n_in, n_out, use_bias=bias, rngs=rngs, dot_general=projection_dot_general, **cfg_kw
+    )
 
 
 class Attention(nnx.Module):

@@ -12,9 +12,11 @@ the completion the second half of each row (the prompt is shared by the two side
 Rows, each in its own persistent child process (JSON lines over stdin / stdout):
   alignjax            `train.step.build_step(StepSpec(loss="sigmoid", loss_kwargs={"beta": 0.1},
                       reference="frozen"), optax.adamw(1e-4, weight_decay=0))`, jitted, default
-                      attention ("auto").
+                      attention ("auto": on CPU the dense grouped path up to 256 tokens per row,
+                      "blockwise" beyond).
   alignjax blockwise  the same with `attention_implementation="blockwise"` (key/value blocks of
-                      128 with an online softmax; it skips the blocks above the causal diagonal).
+                      128, 256 from 1024 tokens, with an online softmax; it skips the blocks
+                      above the causal diagonal): the same program as "alignjax" from 512 on.
   TRL DPOTrainer      (`--ref-python`, torch + transformers + trl) `trl.DPOTrainer` with a
                       `transformers.LlamaForCausalLM` of the same config and an explicit frozen
                       `ref_model` copy, `DPOConfig(loss_type sigmoid, beta 0.1, max_length T,
@@ -582,8 +584,11 @@ def report(res: dict) -> str:
             + "."
         )
     lines.append(
-        "Model FLOPs count attention over the full T x T scores; the blockwise kernel skips the "
-        "blocks above the causal diagonal, so it does fewer FLOPs than it is credited with."
+        "Model FLOPs count attention over the full T x T scores and the LM head at every "
+        "position; every side is credited the same FLOPs. alignjax does fewer: its attention "
+        "skips the blocks above the causal diagonal, and its fused LM head computes only the "
+        "positions from the first to the last completion token (here the second half of each "
+        "row)."
     )
     return "\n".join(lines)
 

@@ -25,7 +25,7 @@ from functools import partial
 import jax
 from jax import lax
 
-__all__ = ["projection_dot_general"]
+__all__ = ["project", "projection_dot_general"]
 
 
 def projection_dot_general(
@@ -58,6 +58,12 @@ def projection_dot_general(
             out_sharding=out_sharding,
         )
     return _projection(precision, preferred_element_type, lhs, rhs)
+
+
+def project(x, w, *, precision=None):
+    """`x @ w` for x [..., K] and a 2-D w [K, M] through `projection_dot_general` (the adapters'
+    low-rank products use it as the projections do)."""
+    return projection_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
 def _contract_last(x, w, precision, preferred):

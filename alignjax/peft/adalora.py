@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from alignjax.models.projection import project
 from alignjax.peft.base import AdapterLinear, AdapterParam
 
 
@@ -82,7 +83,7 @@ class AdaLoRA(AdapterLinear):
         dt = self.compute_dtype(x)
         xd = self.dropout(x).astype(dt)
         a, e, b = (v[...].astype(dt) for v in (self.lora_a, self.lora_e, self.lora_b))
-        return ((xd @ a) * e) @ b * self.factor
+        return project(project(xd, a) * e, b) * self.factor  # `project`: see lora.py
 
     def merged_kernel(self, kernel):
         return kernel + self.delta_kernel().astype(kernel.dtype)

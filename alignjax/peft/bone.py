@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from alignjax.models.projection import project
 from alignjax.peft.base import AdapterLinear, AdapterParam
 
 BONE_VARIANTS = ("bone", "bat", "mini")
@@ -136,7 +137,7 @@ class Bone(AdapterLinear):
         base = self.base
         kernel = bat_kernel(jax.lax.stop_gradient(base.kernel[...]), self.block[...])
         dt = self.compute_dtype(x)
-        y = x.astype(dt) @ kernel.astype(dt)
+        y = project(x.astype(dt), kernel.astype(dt))  # `project`: see lora.py
         return y if base.bias is None else y + base.bias[...].astype(dt)
 
     def adapter_output(self, x: jax.Array) -> jax.Array:
@@ -147,7 +148,7 @@ class Bone(AdapterLinear):
         if pad:
             xd = jnp.pad(xd, [(0, 0)] * (xd.ndim - 1) + [(0, pad)])
         chunks = xd.reshape(*xd.shape[:-1], (n_in + pad) // r, r).sum(axis=-2)
-        return chunks @ self._shared_block().astype(dt)
+        return project(chunks, self._shared_block().astype(dt))
 
     def merged_kernel(self, kernel):
         if self.variant == "bat":

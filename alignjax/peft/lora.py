@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from alignjax.models.projection import project
 from alignjax.peft.base import AdapterLinear, AdapterParam, AdapterState, check_positive
 
 LORA_INITS = ("peft", "gaussian", "he_uniform", "pissa", "none")
@@ -129,7 +130,10 @@ class LoRA(AdapterLinear):
         dt = self.compute_dtype(x)
         xd = self.dropout(x).astype(dt)
         a, b = self.lora_a[...].astype(dt), self.lora_b[...].astype(dt)
-        out = self.scaling * ((xd @ a) @ b)
+        # Through `project`: on CPU the weight gradients of these thin products contract the
+        # token axis, and XLA:CPU then transposes the narrow operand ([N, rank]) instead of the
+        # wide cotangent (alignjax/models/projection.py).
+        out = self.scaling * project(project(xd, a), b)
         if self.lora_bias is not None:
             out = out + self.scaling * self.lora_bias[...].astype(dt)
         if not self.use_dora:
@@ -138,7 +142,7 @@ class LoRA(AdapterLinear):
         delta = jax.lax.stop_gradient(self.delta_kernel()).astype(dt)
         norm = jax.lax.stop_gradient(self._column_norm(kernel + delta))
         ratio = self.magnitude[...].astype(dt) / norm
-        return (ratio - 1.0) * (xd @ kernel) + ratio * out
+        return (ratio - 1.0) * project(xd, kernel) + ratio * out
 
     def merged_kernel(self, kernel):
         merged = kernel + self.delta_kernel().astype(kernel.dtype)

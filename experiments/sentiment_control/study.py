@@ -24,7 +24,7 @@ weight the tokens that carry the preference. Here at small scale, self-contained
    neutral tokens, exact zeros, a figure (`masks.py`).
 6. Held-out chosen / rejected log-likelihoods during training, DPO against SPPO (`report.py`).
 
-    python -m experiments.sentiment_control.study            # ~7.5 min on 2 CPU cores
+    python -m experiments.sentiment_control.study            # ~5 min on 2 idle CPU cores
     python -m experiments.sentiment_control.study --quick    # ~3 min, a smoke test
     python -m experiments.sentiment_control.study --full --online   # DPO + on-policy, 3 seeds
 

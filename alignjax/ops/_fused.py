@@ -9,7 +9,9 @@ the caller's arrays (no transposed or padded copies), keeping the batch axis who
 batch-sharded input stays sharded through the loop. Inside a chunk the vocabulary is optionally
 cut into blocks of `vocab_chunk_size` entries and reduced with an online (running-max)
 logsumexp, as in flash-attention. A trailing partial chunk or block is handled as its own
-static block, so nothing (in particular `unembed`) is ever padded.
+static block, so nothing (in particular `unembed`) is ever padded. With a mask (`span`), the
+chunks cover only the positions from the first to the last one any row keeps (`span_loop`), so
+the prompt positions of [prompt | completion] rows cost nothing, forward or backward.
 
 Memory. The forward pass keeps only `[B, T]` statistics (max, log-sum, entropy); the backward
 pass recomputes each chunk's logits and accumulates `d unembed` (in the compute dtype, in column

@@ -92,6 +92,34 @@ def fused_all(h, w, b, hr, wr, br, y, m, soft_cap, temperature, cs, vc, ce=2**24
     )
 
 
+def reference_stats(z, r, y, m):
+    """float64 NumPy (logps, entropy, ref_logps, kl) from policy logits z and reference r."""
+    return (
+        R.token_logps(z, y, m),
+        R.token_entropy(z, m),
+        R.token_logps(r, y, m),
+        R.token_kl(z, r, m),
+    )
+
+
+def fused_and_naive_grads(c, head, y, m, soft_cap, temperature, cs, vc, ce):
+    """Gradients w.r.t. (hidden, unembed, bias) of sum(c0 logps + c1 entropy + c2 kl), through
+    the fused kernel and through autodiff of the naive graph (`naive_stats`)."""
+    h, w, b, hr, wr, br = head
+
+    def loss_fused(h, w, b):
+        s = fused_all(h, w, b, hr, wr, br, y, m, soft_cap, temperature, cs, vc, ce)
+        return jnp.sum(c[0] * s.logps + c[1] * s.entropy + c[2] * s.kl)
+
+    def loss_naive(h, w, b):
+        lp, ent, kl = naive_stats(h, w, b, hr, wr, br, y, m, soft_cap, temperature)
+        return jnp.sum(c[0] * lp + c[1] * ent + c[2] * kl)
+
+    got = jax.jit(jax.grad(loss_fused, (0, 1, 2)))(h, w, b)
+    want = jax.jit(jax.grad(loss_naive, (0, 1, 2)))(h, w, b)
+    return got, want
+
+
 @pytest.mark.parametrize("cs,vc,soft_cap,temperature,ce", CONFIGS)
 def test_float32_parity_all_stats(rng, cs, vc, soft_cap, temperature, ce):
     h, w, b, hr, wr, br, y, m = make(rng)
@@ -119,15 +147,7 @@ def test_float64_parity(rng, x64, cs, vc):
     h, w, b, hr, wr, br, y, m = make(rng, np.float64)
     s = fused_all(h, w, b, hr, wr, br, y, m, 3.0, 0.9, cs, vc)
     z, r = R.head_logits(h, w, b, 3.0, 0.9), R.head_logits(hr, wr, br, 3.0, 0.9)
-    for out, ref in zip(
-        s,
-        (
-            R.token_logps(z, y, m),
-            R.token_entropy(z, m),
-            R.token_logps(r, y, m),
-            R.token_kl(z, r, m),
-        ),
-    ):
+    for out, ref in zip(s, reference_stats(z, r, y, m)):
         assert out.dtype == jnp.float64
         assert rel(out, ref) <= 1e-12
 
@@ -136,17 +156,8 @@ def test_float64_parity(rng, x64, cs, vc):
 def test_gradients_match_naive_autodiff(rng, cs, vc, soft_cap, temperature, ce):
     h, w, b, hr, wr, br, y, m = make(rng)
     c = rng.standard_normal((3, B, T)).astype(np.float32)
-
-    def loss_fused(h, w, b):
-        s = fused_all(h, w, b, hr, wr, br, y, m, soft_cap, temperature, cs, vc, ce)
-        return jnp.sum(c[0] * s.logps + c[1] * s.entropy + c[2] * s.kl)
-
-    def loss_naive(h, w, b):
-        lp, ent, kl = naive_stats(h, w, b, hr, wr, br, y, m, soft_cap, temperature)
-        return jnp.sum(c[0] * lp + c[1] * ent + c[2] * kl)
-
-    got = jax.jit(jax.grad(loss_fused, (0, 1, 2)))(h, w, b)
-    want = jax.jit(jax.grad(loss_naive, (0, 1, 2)))(h, w, b)
+    head = (h, w, b, hr, wr, br)
+    got, want = fused_and_naive_grads(c, head, y, m, soft_cap, temperature, cs, vc, ce)
     for g1, g2, name in zip(got, want, ("hidden", "unembed", "bias")):
         assert g1.dtype == g2.dtype
         assert rel(g1, g2) <= 1e-5, name
@@ -353,29 +364,13 @@ def test_kept_span_values_and_gradients(rng, kind):
     c = rng.standard_normal((3, B, T13)).astype(np.float32)
     s = fused_all(h, w, b, hr, wr, br, y, m, 4.0, 0.7, 3, 5, 4 * D * 3)
     z, r = R.head_logits(h, w, b, 4.0, 0.7), R.head_logits(hr, wr, br, 4.0, 0.7)
-    for out, ref in zip(
-        s,
-        (
-            R.token_logps(z, y, m),
-            R.token_entropy(z, m),
-            R.token_logps(r, y, m),
-            R.token_kl(z, r, m),
-        ),
-    ):
+    for out, ref in zip(s, reference_stats(z, r, y, m)):
         np.testing.assert_array_equal(np.asarray(out)[m == 0], 0.0)
         if m.any():
             assert rel(out, ref) <= 1e-6
 
-    def loss_fused(h, w, b):
-        s = fused_all(h, w, b, hr, wr, br, y, m, 4.0, 0.7, 3, 5, 4 * D * 3)
-        return jnp.sum(c[0] * s.logps + c[1] * s.entropy + c[2] * s.kl)
-
-    def loss_naive(h, w, b):
-        lp, ent, kl = naive_stats(h, w, b, hr, wr, br, y, m, 4.0, 0.7)
-        return jnp.sum(c[0] * lp + c[1] * ent + c[2] * kl)
-
-    got = jax.jit(jax.grad(loss_fused, (0, 1, 2)))(h, w, b)
-    want = jax.jit(jax.grad(loss_naive, (0, 1, 2)))(h, w, b)
+    head = (h, w, b, hr, wr, br)
+    got, want = fused_and_naive_grads(c, head, y, m, 4.0, 0.7, 3, 5, 4 * D * 3)
     for g1, g2, name in zip(got, want, ("hidden", "unembed", "bias")):
         if m.any():
             assert rel(g1, g2) <= 1e-5, name

@@ -45,8 +45,10 @@ def test_values_and_gradients_float32_within_the_rounding_bound(k, m):
     exact_dx = ct64 @ w64.T
     bound_dx = m * eps * (np.abs(ct64) @ np.abs(w64).T)
     assert np.all(np.abs(np.asarray(dx, np.float64).reshape(n, k) - exact_dx) <= bound_dx)
-    for got, want in zip((dx, dw), vjp_ref(ct)):  # and autodiff obeys the same bound
-        assert np.max(np.abs(np.asarray(got) - np.asarray(want))) <= 2 * np.max(bound_dw)
+    # Autodiff's gradients obey the same bounds (the independent reference is float64 above).
+    auto_dx, auto_dw = (np.asarray(g, np.float64) for g in vjp_ref(ct))
+    assert np.all(np.abs(auto_dw - exact_dw) <= bound_dw)
+    assert np.all(np.abs(auto_dx.reshape(n, k) - exact_dx) <= bound_dx)
 
 
 def test_float64_equals_autodiff(x64):
@@ -56,7 +58,7 @@ def test_float64_equals_autodiff(x64):
     g_ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(plain(x, w))), (0, 1))(x, w)
     for a, b in zip(g, g_ref):
         assert a.dtype == jnp.float64
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)  # float64 (x64): sum order only
 
 
 def test_bfloat16_and_other_contractions_fall_back_or_keep_dtypes():

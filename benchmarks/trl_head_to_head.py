@@ -14,6 +14,10 @@ Rows, each in its own persistent child process (JSON lines over stdin / stdout):
                       reference="frozen"), optax.adamw(1e-4, weight_decay=0))`, jitted, default
                       attention ("auto": on CPU the dense grouped path up to 256 tokens per row,
                       "blockwise" beyond).
+  alignjax shared prompt  the same step on the same pairs packed with their prompt shared
+                      (`data.pack(..., share_prompt=True)`, one row per pair: [prompt[:-1] |
+                      prompt[-1], chosen | prompt[-1], rejected]): the prompt is computed once
+                      per pair instead of twice, with the same loss and gradients.
   alignjax blockwise  the same with `attention_implementation="blockwise"` (key/value blocks of
                       128, 256 from 1024 tokens, with an online softmax; it skips the blocks
                       above the causal diagonal): the same program as "alignjax" from 512 on.
@@ -38,8 +42,13 @@ Timed region, one optimizer step on a batch prepared before the clock starts:
              pre-tokenized rows, built once.
   PyTorch    policy forward, reference forward under no_grad, loss, `loss.backward()`,
              `optimizer.step()`, `optimizer.zero_grad(set_to_none=True)`.
+Process setting: every child (alignjax, TRL and PyTorch alike) starts with the heap setting
+the `alignjax` command applies by default (`GLIBC_TUNABLES` = `alignjax.cli.GLIBC_HEAP`: glibc
+keeps freed memory instead of unmapping it, so large temporaries are not faulted in afresh
+every step); `--heap default` runs every child without it.
+
 Each side runs two untimed steps first (alignjax: its compile and a warm-up). Then `--rounds`
-rounds alternate alignjax / alignjax blockwise / TRL / PyTorch (and the matmul probe) at each
+rounds alternate the alignjax rows / TRL / PyTorch (and the matmul probe) at each
 length, each timing `--reps` steps; a row's time is the median over rounds of the median of its
 steps, so that a slow spell of the shared machine hits every row.
 
@@ -80,7 +89,9 @@ QUICK_MODEL = dict(vocab=512, hidden=32, intermediate=64, layers=1, heads=4, kv_
 LENGTHS = (128, 512, 1024, 2048)
 QUICK_LENGTHS = (32, 64)
 BETA, LR = 0.1, 1e-4
-FRAMEWORKS = ("alignjax", "alignjax blockwise", "TRL DPOTrainer", "PyTorch loop")
+FRAMEWORKS = (
+    "alignjax", "alignjax shared prompt", "alignjax blockwise", "TRL DPOTrainer", "PyTorch loop"
+)  # fmt: skip
 
 
 def pairs_for(length: int, quick: bool = False) -> int:
@@ -125,9 +136,16 @@ def flops_cfg(m: dict):
 # ----------------------------------------------------------------------------- children
 
 
+def shared_length(length: int) -> int:
+    """Tokens of one shared-prompt row for rows of `length` (prompt = the first half), rounded
+    up to a multiple of 8: (P - 1) + 2 (C + 1)."""
+    half = length // 2
+    return -(-((half - 1) + 2 * (length - half + 1)) // 8) * 8
+
+
 class AlignjaxSide:
-    def __init__(self, m: dict, implementation: str):
-        self.m, self.implementation = m, implementation
+    def __init__(self, m: dict, implementation: str, share_prompt: bool = False):
+        self.m, self.implementation, self.share_prompt = m, implementation, share_prompt
 
     def setup(self, length: int, pairs: int) -> dict:
         import jax
@@ -151,8 +169,12 @@ class AlignjaxSide:
                  rejected_prompt_length=len(p), row=i)
             for i, (p, c, r) in enumerate(zip(prompt, chosen, rejected))
         ]  # fmt: skip
-        batch = data.collate(examples, length)
-        assert batch.input_ids.shape == (2 * pairs, length), batch.input_ids.shape
+        if self.share_prompt:
+            batch, used = data.pack(examples, shared_length(length), pairs, share_prompt=True)
+            assert used == pairs, used
+        else:
+            batch = data.collate(examples, length)
+            assert batch.input_ids.shape == (2 * pairs, length), batch.input_ids.shape
         self.batch = jax.tree.map(jnp.asarray, batch)
         self.completion = int(batch.loss_mask.sum())
         optimizer = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
@@ -361,7 +383,8 @@ def child_main(kind: str, m: dict, threads: int) -> None:
         torch.set_num_threads(threads)
         side = TRLSide(m) if kind == "trl" else TorchSide(m)
     else:
-        side = AlignjaxSide(m, "blockwise" if kind == "alignjax-blockwise" else "auto")
+        implementation = "blockwise" if kind == "alignjax-blockwise" else "auto"
+        side = AlignjaxSide(m, implementation, share_prompt=kind == "alignjax-shared")
     out = sys.stdout
     sys.stdout = sys.stderr  # library chatter must not corrupt the JSON lines
     print(json.dumps({"ready": kind}), file=out, flush=True)
@@ -393,11 +416,16 @@ def child_main(kind: str, m: dict, threads: int) -> None:
 
 
 class Child:
-    def __init__(self, name: str, python: str, kind: str, m: dict, threads: int):
+    def __init__(self, name: str, python: str, kind: str, m: dict, threads: int, heap: str):
         self.name = name
         cmd = [python, __file__, "--child", kind, "--model-json", json.dumps(m)]
         cmd += ["--threads", str(threads)]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+        env.pop("GLIBC_TUNABLES", None)
+        if heap == "cli":
+            from alignjax.cli import GLIBC_HEAP
+
+            env["GLIBC_TUNABLES"] = GLIBC_HEAP
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )
@@ -440,6 +468,12 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     ap.add_argument("--skip", nargs="*", default=[], choices=FRAMEWORKS, metavar="ROW",
                     help=f"rows to leave out, of {FRAMEWORKS}")  # fmt: skip
+    ap.add_argument(
+        "--heap",
+        choices=("cli", "default"),
+        default="cli",
+        help="every child with the `alignjax` command's GLIBC_TUNABLES (cli) or none",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 lengths, 1 round")
     ap.add_argument("--out", type=Path, default=RESULTS / "trl_head_to_head")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -458,6 +492,7 @@ def run(args, on_length=None) -> dict:
     m = QUICK_MODEL if args.quick else MODEL
     specs = {
         "alignjax": (sys.executable, "alignjax"),
+        "alignjax shared prompt": (sys.executable, "alignjax-shared"),
         "alignjax blockwise": (sys.executable, "alignjax-blockwise"),
         "TRL DPOTrainer": (args.ref_python, "trl"),
         "PyTorch loop": (args.ref_python, "torch"),
@@ -466,7 +501,7 @@ def run(args, on_length=None) -> dict:
     children = {}
     try:
         for n in names:
-            children[n] = Child(n, specs[n][0], specs[n][1], m, args.threads)
+            children[n] = Child(n, specs[n][0], specs[n][1], m, args.threads, args.heap)
         results = []
         for length in args.lengths:
             pairs = pairs_for(length, args.quick)
@@ -516,10 +551,10 @@ def finish(args, m: dict, results: list) -> dict:
             f["model_flops_per_s"] = r["model_flops"] / f["s_per_step"]
             f["utilisation"] = f["model_flops_per_s"] / peak if peak else None
         fw = r["frameworks"]
-        if "alignjax" in fw:
+        for ours, suffix in (("alignjax", ""), ("alignjax shared prompt", "_shared")):
             for other, key in (("TRL DPOTrainer", "vs_trl"), ("PyTorch loop", "vs_torch")):
-                if other in fw:
-                    r[key] = fw["alignjax"]["tokens_per_s"] / fw[other]["tokens_per_s"]
+                if ours in fw and other in fw:
+                    r[key + suffix] = fw[ours]["tokens_per_s"] / fw[other]["tokens_per_s"]
     return dict(
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k not in ("child", "model_json")},
@@ -530,21 +565,28 @@ def finish(args, m: dict, results: list) -> dict:
 def report(res: dict) -> str:
     m, a = res["model"], res["args"]
     names = [n for n in FRAMEWORKS if n in res["results"][0]["frameworks"]]
-    short = {"alignjax": "alignjax", "alignjax blockwise": "alignjax blockwise",
-             "TRL DPOTrainer": "TRL", "PyTorch loop": "PyTorch"}  # fmt: skip
+    short = {"alignjax": "alignjax", "alignjax shared prompt": "alignjax shared",
+             "alignjax blockwise": "alignjax blockwise", "TRL DPOTrainer": "TRL",
+             "PyTorch loop": "PyTorch"}  # fmt: skip
+    heap = a.get("heap", "default")
     lines = [
         f"DPO (sigmoid, beta {res['beta']}) step with an online frozen reference, AdamW lr "
         f"{res['learning_rate']} (no weight decay, no clipping); Llama vocab {m['vocab']}, width "
         f"{m['hidden']}, MLP {m['intermediate']}, {m['layers']} layers, {m['heads']}/"
         f"{m['kv_heads']} heads; float32, random tokens, completion = second half of each row; "
-        f"median of {a['rounds']} rounds x {a['reps']} steps; torch threads {a['threads']}.",
+        f"median of {a['rounds']} rounds x {a['reps']} steps; torch threads {a['threads']}; "
+        + (
+            "every child with the `alignjax` command's GLIBC_TUNABLES heap setting."
+            if heap == "cli"
+            else "no heap setting."
+        ),
         "",
         "| tokens / row | pairs | "
         + " | ".join(f"{short[n]} tok/s" for n in names)
-        + " | alignjax / TRL | alignjax / PyTorch | "
+        + " | alignjax / TRL | alignjax / PyTorch | shared / TRL | shared / PyTorch | "
         + " | ".join(f"{short[n]} util." for n in names)
         + " |",
-        "|" + "---:|" * (2 + 2 * len(names) + 2),
+        "|" + "---:|" * (2 + 2 * len(names) + 4),
     ]
     for r in res["results"]:
         fw = r["frameworks"]
@@ -553,7 +595,8 @@ def report(res: dict) -> str:
         lines.append(
             f"| {r['length']} | {r['pairs']} | "
             + " | ".join(f"{fw[n]['tokens_per_s']:.0f}" for n in names)
-            + f" | {ratio('vs_trl')} | {ratio('vs_torch')} | "
+            + f" | {ratio('vs_trl')} | {ratio('vs_torch')} | {ratio('vs_trl_shared')} | "
+            + f"{ratio('vs_torch_shared')} | "
             + " | ".join(util(fw[n]) for n in names)
             + " |"
         )
@@ -588,7 +631,8 @@ def report(res: dict) -> str:
         "position; every side is credited the same FLOPs. alignjax does fewer: its attention "
         "skips the blocks above the causal diagonal, and its fused LM head computes only the "
         "positions from the first to the last completion token (here the second half of each "
-        "row)."
+        "row). The shared-prompt row is credited the same FLOPs too, though it runs each "
+        "prompt once per pair."
     )
     return "\n".join(lines)
 

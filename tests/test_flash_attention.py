@@ -25,14 +25,18 @@ B, T, D = 2, 45, 8
 BLOCKS = {"q_block": 16, "kv_block": 8}  # 45 = 2 * 16 + 13 = 5 * 8 + 5: padded internally
 
 
-def dense_mask(valid, segments=None, window=None):
-    """[B, 1, T, T] as `attention_mask_4d`, with an optional sliding window."""
+def dense_mask(valid, segments=None, window=None, prefix=None):
+    """[B, 1, T, T] as `attention_mask_4d`, with an optional sliding window; `prefix`: the
+    segment each query also sees (shared-prompt rows)."""
     i = np.arange(valid.shape[1])
     mask = (i[:, None] >= i[None, :])[None] & valid[:, None, :]
     if window is not None:
         mask &= (i[:, None] - window < i[None, :])[None]
     if segments is not None:
-        mask &= segments[:, :, None] == segments[:, None, :]
+        same = segments[:, :, None] == segments[:, None, :]
+        if prefix is not None:
+            same |= prefix[:, :, None] == segments[:, None, :]
+        mask &= same
     return jnp.asarray((mask | np.eye(len(i), dtype=bool))[:, None])
 
 
@@ -61,11 +65,27 @@ def packed_segments():
     return valid, segments
 
 
+def shared_prompts():
+    """Shared-prompt rows (`data.pack(share_prompt=True)`): row 0 one pair [prompt | chosen |
+    rejected] and padding, row 1 two pairs. A branch sees its own segment and its prompt's."""
+    segments = np.zeros((B, T), np.int32)
+    prefix = np.zeros((B, T), np.int32)
+    valid = np.ones((B, T), bool)
+    for row, spans in ((0, [(0, 10), (10, 25), (25, 40)]),
+                       (1, [(0, 6), (6, 14), (14, 22), (22, 30), (30, 37), (37, 45)])):  # fmt: skip
+        for n, (a, b) in enumerate(spans):
+            segments[row, a:b] = n + 1
+            prefix[row, a:b] = 3 * (n // 3) + 1  # the pair's prompt segment
+    valid[0, 40:] = False
+    return valid, segments, None, prefix
+
+
 CASES = {
-    "causal": lambda: (np.ones((B, T), bool), None, None),
-    "left_and_right_padding": lambda: (left_right_padding(), None, None),
-    "packed_3_segments": lambda: (*packed_segments(), None),
-    "sliding_window": lambda: (left_right_padding(), None, 10),
+    "causal": lambda: (np.ones((B, T), bool), None, None, None),
+    "left_and_right_padding": lambda: (left_right_padding(), None, None, None),
+    "packed_3_segments": lambda: (*packed_segments(), None, None),
+    "sliding_window": lambda: (left_right_padding(), None, 10, None),
+    "shared_prompts": shared_prompts,
 }
 
 
@@ -78,12 +98,14 @@ def value_and_grads(fn, q, k, v, ct):
 @pytest.mark.parametrize("heads,kv", [(4, 2), (4, 4)], ids=["gqa", "mha"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_values_and_gradients_match_dense(case, heads, kv):
-    valid, segments, window = CASES[case]()
+    valid, segments, window, prefix = CASES[case]()
     q, k, v, ct = inputs(heads, kv)
-    mask = dense_mask(valid, segments, window)
+    mask = dense_mask(valid, segments, window, prefix)
     kw = dict(key_valid=jnp.asarray(valid), window=window, **BLOCKS)
     if segments is not None:
         kw["segment_ids"] = jnp.asarray(segments)
+    if prefix is not None:
+        kw["prefix_ids"] = jnp.asarray(prefix)
 
     def blockwise(q, k, v):
         return blockwise_attention(q, k, v, **kw)
@@ -98,6 +120,31 @@ def test_values_and_gradients_match_dense(case, heads, kv):
         assert np.all(np.isfinite(got)), name
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
     assert np.abs(np.asarray(got_grads[1])).max() > 0.1  # a real gradient, not all zeros
+
+
+def test_block_classes_skip_hidden_pairs_and_unmask_full_ones():
+    """The block pairs the kernel visits without a mask (FULL) or not at all (SKIP), on one
+    shared-prompt row [prompt 16 | chosen 16 | rejected 16] in blocks of 8: the chosen branch's
+    keys are skipped by the rejected branch's queries, the prompt's keys are FULL for both
+    branches, the diagonal blocks are masked (PARTIAL), and the blocks above it are skipped.
+    Padding makes a key block PARTIAL, or SKIP where all its keys are padding. (Correctness of
+    every class is the parity test above; this checks that the classes are used at all.)"""
+    from alignjax.models.flash_attention import FULL, PARTIAL, SKIP, _block_classes, _Blocks
+
+    seg = jnp.repeat(jnp.arange(1, 4), 16)[None]
+    pre = jnp.ones_like(seg)
+    pos = jnp.arange(48)[None]
+    lay = _Blocks(causal=True, window=None, q_block=8, kv_block=8, kv_length=48)
+    got = np.asarray(_block_classes(lay, pos, pos, seg, seg, pre, jnp.ones((1, 48), bool)))
+    assert np.all(got[np.triu_indices(6, 1)] == SKIP)
+    assert np.all(np.diag(got) == PARTIAL)
+    assert np.all(got[2:, :2] == FULL) and np.all(got[1, :1] == FULL)
+    assert np.all(got[4:, 2:4] == SKIP) and got[3, 2] == FULL and got[5, 4] == FULL
+    valid = jnp.ones((1, 48), bool).at[0, :8].set(False).at[0, 12].set(False)  # left padding
+    got = np.asarray(_block_classes(lay, pos, pos, None, None, None, valid))
+    assert got[0, 0] == PARTIAL  # padding queries attend to themselves
+    assert np.all(got[1:, 0] == SKIP) and np.all(got[2:, 1] == PARTIAL)
+    assert got[5, 4] == FULL and got[5, 2] == FULL
 
 
 def test_default_blocks_of_256_from_1024_positions():
@@ -271,12 +318,16 @@ PALLAS = ["pallas_splash", "pallas_flash"]
 @pytest.mark.parametrize("kernel", PALLAS)
 @pytest.mark.parametrize(
     "case",  # the causal case in the everyday loop, the other masks with the slow set
-    [c if c == "causal" else pytest.param(c, marks=pytest.mark.slow) for c in sorted(CASES)],
+    [
+        c if c == "causal" else pytest.param(c, marks=pytest.mark.slow)
+        for c in sorted(CASES)
+        if c != "shared_prompts"  # no shared-prompt rows (`attention` refuses them)
+    ],
 )
 def test_pallas_kernels_match_dense_in_interpret_mode(case, kernel):
     from alignjax.models.pallas_attention import pallas_attention
 
-    valid, segments, window = CASES[case]()
+    valid, segments, window, _ = CASES[case]()
     q, k, v, ct = inputs(4, 2)
     real = jnp.asarray(valid[:, :, None, None])
     kw = dict(key_valid=jnp.asarray(valid), window=window, kernel=kernel, interpret=True)

@@ -9,7 +9,8 @@ A `Batch` is a pytree of NumPy arrays (host side; `jax.device_put` it or let jit
   and, when the data has them, `label` (unpaired), SPPO win probabilities, the per-pair
   numbers `score_chosen` / `score_rejected` / `margin`;
 - packed batches also locate every sequence: `seq_row`, `seq_start`, `seq_length` `[Q]`
-  (Q = 2E paired in `[chosen; rejected]` order, E unpaired).
+  (Q = 2E paired in `[chosen; rejected]` order, E unpaired); shared-prompt packed batches
+  (`pack(..., share_prompt=True)`) add `prefix_ids` `[R, L]`.
 
 Paired padded batches stack `[chosen; rejected]` on the row axis (R = 2E), so one forward pass
 serves both and `PreferenceBatch.from_stacked` splits the per-token results. Packed batches
@@ -64,6 +65,7 @@ class Batch:
     seq_row: np.ndarray | None = None
     seq_start: np.ndarray | None = None
     seq_length: np.ndarray | None = None
+    prefix_ids: np.ndarray | None = None  # shared-prompt packing: [R, L] (`pack(share_prompt=)`)
     ref_logps: np.ndarray | None = None  # precomputed reference log-probs, [R, L] or [R]
     margin: np.ndarray | None = None  # TRL RewardTrainer's `margin` column, [E]
 
@@ -85,6 +87,8 @@ class Batch:
         )
         if self.segment_ids is not None:
             kw["segment_ids"] = self.segment_ids
+        if self.prefix_ids is not None:
+            kw["prefix_ids"] = self.prefix_ids
         return kw
 
 
@@ -267,6 +271,24 @@ def collate_prompts(
     return ids, mask
 
 
+def _shared_pieces(e: Mapping) -> list:
+    """A pair's pieces for `pack(share_prompt=True)`: [(tokens, completion from, position 0)]
+    for the prompt minus its last token, then the chosen and the rejected branch, each the
+    prompt's last token followed by its completion."""
+    plen = e["chosen_prompt_length"]
+    chosen, rejected = list(e["chosen_input_ids"]), list(e["rejected_input_ids"])
+    if plen != e["rejected_prompt_length"] or chosen[:plen] != rejected[:plen]:
+        raise ValueError(f"row {e['row']}: chosen and rejected prompts differ, so they cannot "
+                         "share one prompt (share_prompt=True)")  # fmt: skip
+    if plen < 1:
+        raise ValueError(f"row {e['row']}: no prompt token to share (share_prompt=True)")
+    return [
+        (chosen[: plen - 1], None, 0),
+        (chosen[plen - 1 :], 1, plen - 1),
+        (rejected[plen - 1 :], 1, plen - 1),
+    ]
+
+
 def pack(
     examples: Sequence[Mapping],
     length: int,
@@ -274,6 +296,7 @@ def pack(
     *,
     pad_id: int = 0,
     max_examples: int | None = None,
+    share_prompt: bool = False,
 ) -> tuple[Batch, int]:
     """Pack the leading examples into `num_rows` rows of `length` tokens with segment ids.
 
@@ -281,27 +304,56 @@ def pack(
     not at all. Packing stops at the first example that does not fit (the order is kept, so
     resuming a data position is exact).
 
+    `share_prompt` (paired examples with the same prompt on both sides): each pair takes one
+    row span `[prompt[:-1] | prompt[-1], chosen | prompt[-1], rejected]` in three segments.
+    Both completion branches see the prompt's segment (`Batch.prefix_ids`) and continue its
+    positions, so the prompt is computed once per pair instead of twice, with the same
+    log-probs and gradients as the padded or plainly packed rows up to float rounding. Each
+    branch repeats the prompt's last token, whose hidden state predicts the first completion
+    token. The sequences `seq_row` / `seq_start` / `seq_length` locate are the branches.
+
     Returns:
       `(batch, n_used)`: the packed batch (per-example arrays padded to `max_examples`,
       default every example given) and how many leading examples it holds.
     """
     paired = "chosen_input_ids" in examples[0]
+    if share_prompt and not paired:
+        raise ValueError(
+            "`share_prompt` packs the two sides of paired examples; these are unpaired"
+        )
     cap = len(examples) if max_examples is None else max_examples
     fill = [0] * num_rows
-    placed = []  # per example: [(row, start, seq, prompt_length)] for its sequences
+    placed = []  # per example: (row, [(start, tokens, completion from, position 0)])
     for e in examples[:cap]:
-        seqs = _sequences([e], paired)
+        if share_prompt:
+            pieces = _shared_pieces(e)
+        else:
+            pieces = [(seq, plen, 0) for seq, plen in _sequences([e], paired)]
+        if share_prompt:  # one row span for the whole pair
+            n = sum(len(t) for t, _, _ in pieces)
+            if n > length:
+                raise ValueError(f"row {e['row']}: {n} tokens do not fit a packed row of {length}")
+            r = next((r for r in range(num_rows) if fill[r] + n <= length), None)
+            if r is None:
+                break
+            where, start = [], fill[r]
+            for t, c, p0 in pieces:
+                where.append((r, start, t, c, p0))
+                start += len(t)
+            fill[r] = start
+            placed.append(where)
+            continue
         trial, where = list(fill), []
-        for seq, plen in seqs:
+        for seq, plen, p0 in pieces:
             n = len(seq)
             if n > length:
                 raise ValueError(f"row {e['row']}: {n} tokens do not fit a packed row of {length}")
             r = next((r for r in range(num_rows) if trial[r] + n <= length), None)
             if r is None:
                 break
-            where.append((r, trial[r], seq, plen))
+            where.append((r, trial[r], seq, plen, p0))
             trial[r] += n
-        if len(where) < len(seqs):
+        if len(where) < len(pieces):
             break
         fill = trial
         placed.append(where)
@@ -312,29 +364,37 @@ def pack(
     attn = np.zeros((num_rows, length), np.int32)
     comp = np.zeros((num_rows, length), np.int32)
     seg = np.zeros((num_rows, length), np.int32)
+    pre = np.zeros((num_rows, length), np.int32)
     pos = np.zeros((num_rows, length), np.int32)
     nseg = [0] * num_rows
-    n_seq = len(placed[0])  # sequences per example (2 paired, 1 unpaired)
+    n_seq = 2 if paired else 1  # sequences per example
     q = cap * n_seq
     seq_row = np.zeros(q, np.int32)
     seq_start = np.zeros(q, np.int32)
     seq_len = np.zeros(q, np.int32)
     for i, where in enumerate(placed):
-        for k, (r, start, seq, plen) in enumerate(where):
+        prompt_segment = None
+        for k, (r, start, seq, plen, p0) in enumerate(where):
             n = len(seq)
             nseg[r] += 1
             ids[r, start : start + n] = seq
             attn[r, start : start + n] = 1
-            comp[r, start + plen : start + n] = 1
+            if plen is not None:
+                comp[r, start + plen : start + n] = 1
             seg[r, start : start + n] = nseg[r]
-            pos[r, start : start + n] = np.arange(n)
-            j = k * cap + i  # [chosen 0..cap-1; rejected 0..cap-1]
+            pre[r, start : start + n] = nseg[r] if prompt_segment is None else prompt_segment
+            pos[r, start : start + n] = p0 + np.arange(n)
+            if share_prompt and k == 0:
+                prompt_segment = nseg[r]
+                continue
+            j = (k - share_prompt) * cap + i  # [chosen 0..cap-1; rejected 0..cap-1]
             seq_row[j], seq_start[j], seq_len[j] = r, start, n
     labels, loss_mask = shift_labels(ids, attn, comp, seg)
     fields = _example_fields([examples[i] for i in range(used)], cap - used)
     batch = Batch(
         ids, attn, pos, labels, loss_mask, segment_ids=seg,
-        seq_row=seq_row, seq_start=seq_start, seq_length=seq_len, **fields,
+        seq_row=seq_row, seq_start=seq_start, seq_length=seq_len,
+        prefix_ids=pre if share_prompt else None, **fields,
     )  # fmt: skip
     return batch, used
 

@@ -47,6 +47,8 @@ class LoaderConfig:
       sort_window: > 1 sorts by length within windows of this many global batches.
       remainder: "drop" or "pad" the last short global batch.
       packing: pack sequences into `pack_rows` x `pack_length` rows per host.
+      share_prompt: with `packing`, paired examples: each pair's prompt is packed once and
+        shared by its two completion branches (`batching.pack(share_prompt=True)`).
       max_examples: packed batches hold at most this many examples per host (static shape of
         the per-example arrays); None: as many as the shortest sequences could fill.
       kto_kl: unpaired data: append KTO's mismatched (prompt, completion) rows to each host
@@ -64,12 +66,15 @@ class LoaderConfig:
     pack_rows: int = 8
     max_examples: int | None = None
     kto_kl: bool = False
+    share_prompt: bool = False
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {self.batch_size}")
         if self.remainder not in ("drop", "pad"):
             raise ValueError(f"`remainder` must be 'drop' or 'pad', got {self.remainder!r}")
+        if self.share_prompt and not self.packing:
+            raise ValueError("`share_prompt` packs each pair's prompt once: set `packing` true")
         if self.kto_kl and self.packing:
             raise ValueError("`kto_kl` rows are built per padded batch; turn off `packing`")
         if self.sort_window < 1:
@@ -222,7 +227,8 @@ class DataLoader:
         cfg = self.config
         if cfg.max_examples is not None:
             return cfg.max_examples
-        per_seq = 2 if self._paired() else 1
+        # tokens per example: at least the shortest side, twice that unless the prompt is shared
+        per_seq = 2 if self._paired() and not cfg.share_prompt else 1
         shortest = int(self.lengths.min())  # the longer side; a lower bound is fine for a cap
         return max(1, (cfg.pack_rows * cfg.pack_length) // (per_seq * max(shortest, 1)))
 
@@ -245,6 +251,7 @@ class DataLoader:
                     cfg.pack_rows,
                     pad_id=self.data.pad_id,
                     max_examples=cap,
+                    share_prompt=cfg.share_prompt,
                 )
                 host_batches.append(batch)
                 pos += used

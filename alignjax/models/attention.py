@@ -158,7 +158,13 @@ def attention(
                 )
             masks = dict(key_valid=mask.key_valid, segment_ids=mask.segment_ids, window=window)
             if implementation == "blockwise":
-                return blockwise_attention(q, k, v, causal=True, **masks)
+                return blockwise_attention(q, k, v, causal=True, prefix_ids=mask.prefix_ids,
+                                           **masks)  # fmt: skip
+            if mask.prefix_ids is not None:
+                raise ValueError(
+                    f'"{implementation}" attention has no shared-prompt rows (`prefix_ids`); use '
+                    '"blockwise", "grouped" or "jax"'
+                )
             return pallas_attention(q, k, v, kernel=implementation, **masks)
         implementation = "auto"
     if causal and window is not None and q.shape[1] > window:
@@ -172,21 +178,43 @@ def attention(
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
-def attention_mask_4d(attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    """[B, 1, T, T] booleans: causal, keys on real tokens, and (when packed) the same segment."""
+def attention_mask_4d(
+    attention_mask: jax.Array,
+    segment_ids: jax.Array | None = None,
+    prefix_ids: jax.Array | None = None,
+) -> jax.Array:
+    """[B, 1, T, T] booleans: causal, keys on real tokens, and (when packed) the same segment,
+    or the query's `prefix_ids` segment (its shared prompt, `data.pack(share_prompt=True)`)."""
     t = attention_mask.shape[-1]
     causal = jnp.tril(jnp.ones((t, t), bool))
     keys = attention_mask.astype(bool)[:, None, None, :]
     mask = causal[None, None] & keys
+    _check_prefix(attention_mask, segment_ids, prefix_ids)
     if segment_ids is not None:
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        if prefix_ids is not None:
+            same |= prefix_ids[:, :, None] == segment_ids[:, None, :]
         mask = mask & same[:, None]
     # A query row with no visible key (a padding position) attends to itself: finite, ignored.
     return mask | jnp.eye(t, dtype=bool)[None, None]
 
 
+def _check_prefix(attention_mask, segment_ids, prefix_ids) -> None:
+    if prefix_ids is None:
+        return
+    if segment_ids is None:
+        raise ValueError("`prefix_ids` needs `segment_ids` (the segments they refer to)")
+    if prefix_ids.shape != attention_mask.shape:
+        raise ValueError(
+            f"`prefix_ids` must have shape {attention_mask.shape}, got {prefix_ids.shape}"
+        )
+
+
 def attention_masks(
-    attention_mask: jax.Array, segment_ids: jax.Array | None, implementation: str
+    attention_mask: jax.Array,
+    segment_ids: jax.Array | None,
+    implementation: str,
+    prefix_ids: jax.Array | None = None,
 ) -> jax.Array | SequenceMask:
     """The mask `attention(..., implementation=implementation, causal=True)` takes for a full
     sequence: the 2-D `SequenceMask` for "blockwise" and the Pallas kernels (never a
@@ -194,8 +222,9 @@ def attention_masks(
     else `attention_mask_4d`."""
     implementation = resolved_implementation(implementation, attention_mask.shape[-1])
     if implementation in SEQUENCE_MASK_IMPLEMENTATIONS:
-        return SequenceMask(attention_mask.astype(bool), segment_ids)
-    return attention_mask_4d(attention_mask, segment_ids)
+        _check_prefix(attention_mask, segment_ids, prefix_ids)
+        return SequenceMask(attention_mask.astype(bool), segment_ids, prefix_ids)
+    return attention_mask_4d(attention_mask, segment_ids, prefix_ids)
 
 
 def default_positions(attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:

@@ -22,10 +22,18 @@ above the diagonal and, with a sliding window, those left of it are never comput
 Visibility of key j from query i (positions p, default 0, 1, ...):
 
     (not causal or p_k[j] <= p_q[i]) and (window is None or p_q[i] - window < p_k[j])
-    and key_valid[j] and segment_q[i] == segment_k[j],   or p_k[j] == p_q[i] (the diagonal).
+    and key_valid[j] and segment_k[j] in (segment_q[i], prefix_q[i]),   or p_k[j] == p_q[i]
 
-The diagonal term is `attention_mask_4d`'s: a padding query, which sees no real key, attends
-to itself, so every row stays finite and equal to the dense path.
+(the last term is the diagonal). `prefix_q` (default: `segment_q`) lets the completion
+branches of a pair packed behind one shared prompt see that prompt's segment as well
+(`data.pack(..., share_prompt=True)`). The diagonal term is `attention_mask_4d`'s: a padding
+query, which sees no real key, attends to itself, so every row stays finite and equal to the
+dense path.
+
+Each visited block pair is classified once, from per-block ranges of positions, segments and
+key validity over the batch: "full" pairs (every key visible to every query, e.g. below the
+causal diagonal in an unpadded row) skip the mask, pairs with no visible key (another segment,
+all keys padding) skip the block, and only the rest are masked element by element.
 """
 
 from __future__ import annotations
@@ -42,10 +50,15 @@ __all__ = ["SequenceMask", "blockwise_attention", "default_block"]
 
 class SequenceMask(NamedTuple):
     """The 2-D form of a self-attention mask (what `attention_mask_4d` expands): `key_valid`
-    [B, T] (True on real tokens) and `segment_ids` [B, T] (packed rows) or None."""
+    [B, T] (True on real tokens), `segment_ids` [B, T] (packed rows) or None, and
+    `prefix_ids` [B, T] (the shared-prompt segment each token also sees) or None."""
 
     key_valid: jax.Array
     segment_ids: jax.Array | None = None
+    prefix_ids: jax.Array | None = None
+
+
+SKIP, FULL, PARTIAL = 0, 1, 2  # block pair classes (`_block_classes`)
 
 
 class _Blocks(NamedTuple):
@@ -101,7 +114,53 @@ def _block_ranges(lay: _Blocks, qpos, kpos):
     return span(needed), span(needed.T)
 
 
-def _scores(lay: _Blocks, scale, q, k, qpos, kpos, qseg, kseg, kvalid, k_start):
+def _block_classes(lay: _Blocks, qpos, kpos, qseg, kseg, qpre, kvalid):
+    """[nq, nk] int32: SKIP where no query of the block pair sees a key of it in any row,
+    FULL where every query sees every key in every row, PARTIAL otherwise. Conservative (from
+    per-row ranges of each block), so exact for any inputs: PARTIAL is always correct."""
+    b = qpos.shape[0]
+
+    def ranges(x, block):  # [B, n] minimum and maximum of each block, per row
+        x = x.reshape(b, -1, block)
+        return x.min(2)[:, :, None], x.max(2)[:, :, None]  # queries: [B, nq, 1]
+
+    (q_min, q_max), (k_min, k_max) = ranges(qpos, lay.q_block), ranges(kpos, lay.kv_block)
+    k_min, k_max = k_min.swapaxes(1, 2), k_max.swapaxes(1, 2)  # keys: [B, 1, nk]
+    nk = k_min.shape[2]
+    skip = jnp.zeros((b, q_min.shape[1], nk), bool)
+    full = jnp.ones_like(skip)
+    if lay.causal:
+        skip |= k_min > q_max
+        full &= k_max <= q_min
+    if lay.window is not None:
+        skip |= k_max <= q_min - lay.window
+        full &= k_min > q_max - lay.window
+    # Skipping by segment or padding must keep the diagonal term: only where no key position
+    # equals a query position.
+    off_diagonal = (k_min > q_max) | (k_max < q_min)
+    kv = kvalid.reshape(b, nk, lay.kv_block)
+    skip |= off_diagonal & ~kv.any(2)[:, None, :]
+    in_range = (jnp.arange(1, nk + 1) * lay.kv_block <= lay.kv_length)[None, None, :]
+    full &= kv.all(2)[:, None, :] & in_range
+    if qseg is not None:
+        (qs_min, qs_max), (ks_min, ks_max) = ranges(qseg, lay.q_block), ranges(kseg, lay.kv_block)
+        (qp_min, qp_max) = ranges(qseg if qpre is None else qpre, lay.q_block)
+        ks_min, ks_max = ks_min.swapaxes(1, 2), ks_max.swapaxes(1, 2)
+
+        def disjoint(lo, hi):
+            return (ks_max < lo) | (ks_min > hi)
+
+        skip |= off_diagonal & disjoint(qs_min, qs_max) & disjoint(qp_min, qp_max)
+        one_key_segment = ks_min == ks_max
+        full &= one_key_segment & (
+            ((qs_min == qs_max) & (qs_min == ks_min)) | ((qp_min == qp_max) & (qp_min == ks_min))
+        )
+    return jnp.where(skip.all(0), SKIP, jnp.where(full.all(0), FULL, PARTIAL)).astype(jnp.int32)
+
+
+def _scores(
+    lay: _Blocks, scale, q, k, qpos, kpos, qseg, kseg, kvalid, k_start, qpre=None, *, masked=True
+):
     """Masked float32 scores of one block pair: q [B, KV, G, qb, d], k [B, KV, kb, d] ->
     [B, KV, G, qb, kb], -inf where hidden."""
     b, kvh, g, qb, d = q.shape
@@ -109,6 +168,8 @@ def _scores(lay: _Blocks, scale, q, k, qpos, kpos, qseg, kseg, kvalid, k_start):
         "bkqd,bksd->bkqs", q.reshape(b, kvh, g * qb, d), k, preferred_element_type=jnp.float32
     )
     s = s.reshape(b, kvh, g, qb, -1) * scale
+    if not masked:
+        return s
     qp, kp = qpos[:, :, None], kpos[:, None, :]
     visible = kvalid[:, None, :]
     if lay.causal:
@@ -116,7 +177,10 @@ def _scores(lay: _Blocks, scale, q, k, qpos, kpos, qseg, kseg, kvalid, k_start):
     if lay.window is not None:
         visible &= kp > qp - lay.window
     if qseg is not None:
-        visible &= qseg[:, :, None] == kseg[:, None, :]
+        same = qseg[:, :, None] == kseg[:, None, :]
+        if qpre is not None:
+            same |= qpre[:, :, None] == kseg[:, None, :]
+        visible &= same
     in_range = (k_start + jnp.arange(k.shape[2])) < lay.kv_length
     visible |= (kp == qp) & in_range[None, None, :]
     return jnp.where(visible[:, None, None], s, -jnp.inf)
@@ -126,33 +190,42 @@ def _slice(x, start, size: int, axis: int):
     return None if x is None else lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _forward(lay: _Blocks, q, k, v, qpos, kpos, qseg, kseg, kvalid):
+def _forward(lay: _Blocks, q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid):
     """q [B, KV, G, Tp, d], k and v [B, KV, Sp, d] -> (out like q, lse [B, KV, G, Tp] f32)."""
     b, kvh, g, tp, d = q.shape
     qb, kb = lay.q_block, lay.kv_block
     scale = d**-0.5
     (lo, hi), _ = _block_ranges(lay, qpos, kpos)
+    classes = _block_classes(lay, qpos, kpos, qseg, kseg, qpre, kvalid)
 
     def q_step(_, i):
         qs = i * qb
         qi, qp, qsg = _slice(q, qs, qb, 3), _slice(qpos, qs, qb, 1), _slice(qseg, qs, qb, 1)
+        qpr = _slice(qpre, qs, qb, 1)
+
+        def block(masked):
+            def run(j, carry):
+                acc, m, l = carry
+                ks = j * kb
+                s = _scores(
+                    lay, scale, qi, _slice(k, ks, kb, 2), qp, _slice(kpos, ks, kb, 1), qsg,
+                    _slice(kseg, ks, kb, 1), _slice(kvalid, ks, kb, 1), ks, qpr, masked=masked,
+                )  # fmt: skip
+                # m starts finite, so e^(m - m_new) and e^(-inf - m_new) never see inf - inf.
+                m_new = jnp.maximum(m, s.max(-1))
+                alpha = jnp.exp(m - m_new)
+                p = jnp.exp(s - m_new[..., None])
+                pv = jnp.einsum(
+                    "bkgqs,bksd->bkgqd", p.astype(v.dtype), _slice(v, ks, kb, 2),
+                    preferred_element_type=jnp.float32,
+                )  # fmt: skip
+                return acc * alpha[..., None] + pv, m_new, l * alpha + p.sum(-1)
+
+            return run
 
         def kv_step(j, carry):
-            acc, m, l = carry
-            ks = j * kb
-            s = _scores(
-                lay, scale, qi, _slice(k, ks, kb, 2), qp, _slice(kpos, ks, kb, 1), qsg,
-                _slice(kseg, ks, kb, 1), _slice(kvalid, ks, kb, 1), ks,
-            )  # fmt: skip
-            # m starts finite, so e^(m - m_new) and e^(-inf - m_new) never see inf - inf.
-            m_new = jnp.maximum(m, s.max(-1))
-            alpha = jnp.exp(m - m_new)
-            p = jnp.exp(s - m_new[..., None])
-            vj = _slice(v, ks, kb, 2)
-            pv = jnp.einsum(
-                "bkgqs,bksd->bkgqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32
-            )
-            return acc * alpha[..., None] + pv, m_new, l * alpha + p.sum(-1)
+            branches = [lambda j, c: c, block(False), block(True)]  # SKIP, FULL, PARTIAL
+            return lax.switch(classes[i, j], branches, j, carry)
 
         init = (
             jnp.zeros((b, kvh, g, qb, d), jnp.float32),
@@ -175,22 +248,23 @@ def _forward(lay: _Blocks, q, k, v, qpos, kpos, qseg, kseg, kvalid):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(lay, q, k, v, qpos, kpos, qseg, kseg, kvalid):
-    return _forward(lay, q, k, v, qpos, kpos, qseg, kseg, kvalid)[0]
+def _flash(lay, q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid):
+    return _forward(lay, q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid)[0]
 
 
-def _flash_fwd(lay, q, k, v, qpos, kpos, qseg, kseg, kvalid):
-    out, lse = _forward(lay, q, k, v, qpos, kpos, qseg, kseg, kvalid)
-    return out, (q, k, v, qpos, kpos, qseg, kseg, kvalid, out, lse)
+def _flash_fwd(lay, q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid):
+    out, lse = _forward(lay, q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid)
+    return out, (q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid, out, lse)
 
 
 def _flash_bwd(lay, res, d_out):
-    q, k, v, qpos, kpos, qseg, kseg, kvalid, out, lse = res
+    q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid, out, lse = res
     b, kvh, g, tp, d = q.shape
     sp = k.shape[2]
     qb, kb = lay.q_block, lay.kv_block
     scale = d**-0.5
     _, (lo, hi) = _block_ranges(lay, qpos, kpos)
+    classes = _block_classes(lay, qpos, kpos, qseg, kseg, qpre, kvalid)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
     def kv_step(dq, j):
@@ -198,27 +272,43 @@ def _flash_bwd(lay, res, d_out):
         kj, vj = _slice(k, ks, kb, 2), _slice(v, ks, kb, 2)
         kp, ksg, kvl = _slice(kpos, ks, kb, 1), _slice(kseg, ks, kb, 1), _slice(kvalid, ks, kb, 1)
 
+        def block(masked):
+            def run(i):  # -> this block pair's (dQ, dK^T, dV^T) terms
+                qs = i * qb
+                qi, doi = _slice(q, qs, qb, 3), _slice(d_out, qs, qb, 3)
+                s = _scores(
+                    lay, scale, qi, kj, _slice(qpos, qs, qb, 1), kp, _slice(qseg, qs, qb, 1), ksg,
+                    kvl, ks, _slice(qpre, qs, qb, 1), masked=masked,
+                )  # fmt: skip
+                p = jnp.exp(s - _slice(lse, qs, qb, 3)[..., None])  # [B, KV, G, qb, kb]
+                # dV and dK are accumulated transposed ([d, kb]): the products contract over
+                # the queries, and XLA:CPU's fast matmul wants the contracted axis last on its
+                # left operand, so it transposes the small [q, d] operand, not P / dS ([q, kb]).
+                dv = jnp.einsum(
+                    "bkgqd,bkgqs->bkds", doi, p.astype(d_out.dtype),
+                    preferred_element_type=jnp.float32,
+                )  # fmt: skip
+                dp = jnp.einsum("bkgqd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
+                ds = (p * (dp - _slice(delta, qs, qb, 3)[..., None]) * scale).astype(q.dtype)
+                dqi = jnp.einsum("bkgqs,bksd->bkgqd", ds, kj, preferred_element_type=jnp.float32)
+                dk = jnp.einsum("bkgqd,bkgqs->bkds", qi, ds, preferred_element_type=jnp.float32)
+                return dqi, dk, dv
+
+            return run
+
+        def skip(i):
+            zeros = jnp.zeros((b, kvh, d, kb), jnp.float32)
+            return jnp.zeros((b, kvh, g, qb, d), jnp.float32), zeros, zeros
+
         def q_step(i, carry):
+            # The switch returns only this block pair's terms: the accumulators stay outside it
+            # (a conditional that passed the whole dQ through would copy it at every block).
             dq, dk, dv = carry
+            branches = [skip, block(False), block(True)]  # SKIP, FULL, PARTIAL
+            dqi, dki, dvi = lax.switch(classes[i, j], branches, i)
             qs = i * qb
-            qi, doi = _slice(q, qs, qb, 3), _slice(d_out, qs, qb, 3)
-            s = _scores(
-                lay, scale, qi, kj, _slice(qpos, qs, qb, 1), kp, _slice(qseg, qs, qb, 1), ksg,
-                kvl, ks,
-            )  # fmt: skip
-            p = jnp.exp(s - _slice(lse, qs, qb, 3)[..., None])  # [B, KV, G, qb, kb]
-            # dV and dK are accumulated transposed ([d, kb]): the products contract over the
-            # queries, and XLA:CPU's fast matmul wants the contracted axis last on its left
-            # operand, so it transposes the small [q, d] operand instead of P / dS ([q, kb]).
-            dv = dv + jnp.einsum(
-                "bkgqd,bkgqs->bkds", doi, p.astype(d_out.dtype), preferred_element_type=jnp.float32
-            )
-            dp = jnp.einsum("bkgqd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
-            ds = (p * (dp - _slice(delta, qs, qb, 3)[..., None]) * scale).astype(q.dtype)
-            dqi = jnp.einsum("bkgqs,bksd->bkgqd", ds, kj, preferred_element_type=jnp.float32)
             dq = lax.dynamic_update_slice_in_dim(dq, _slice(dq, qs, qb, 3) + dqi, qs, 3)
-            dk = dk + jnp.einsum("bkgqd,bkgqs->bkds", qi, ds, preferred_element_type=jnp.float32)
-            return dq, dk, dv
+            return dq, dk + dki, dv + dvi
 
         zeros = jnp.zeros((b, kvh, d, kb), jnp.float32)
         dq, dk, dv = lax.fori_loop(lo[j], hi[j], q_step, (dq, zeros, zeros))
@@ -228,7 +318,7 @@ def _flash_bwd(lay, res, d_out):
     dq, (dk, dv) = lax.scan(kv_step, dq0, jnp.arange(sp // kb))
     dk = jnp.moveaxis(dk, 0, 2).reshape(b, kvh, sp, d)
     dv = jnp.moveaxis(dv, 0, 2).reshape(b, kvh, sp, d)
-    none = (None,) * 5  # positions, segments and key validity: integer / boolean inputs
+    none = (None,) * 6  # positions, segments, prefixes, key validity: integer / bool
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *none)
 
 
@@ -250,6 +340,7 @@ def blockwise_attention(
     *,
     key_valid: jax.Array | None = None,
     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+    prefix_ids: jax.Array | None = None,
     causal: bool = True,
     window: int | None = None,
     q_block: int | None = None,
@@ -266,6 +357,9 @@ def blockwise_attention(
       key_valid: [B, S] booleans, True on real tokens (None: all).
       segment_ids: packed rows: one [B, T] array for self-attention (T == S), or a pair
         ([B, T] query ids, [B, S] key ids); a query sees keys of its own segment only.
+      prefix_ids: [B, T] int ids, with `segment_ids`: the one other segment each query also
+        sees (the shared prompt of a completion branch, `data.pack(..., share_prompt=True)`);
+        None: none (as `prefix_ids = segment_ids`).
       causal: key j visible to query i only if p_k[j] <= p_q[i].
       window: sliding window: additionally p_q[i] - window < p_k[j].
       q_block, kv_block: block sizes (T and S are padded to multiples internally); default
@@ -294,6 +388,12 @@ def blockwise_attention(
         qseg, kseg = segment_ids
     else:
         qseg = kseg = segment_ids
+    if prefix_ids is not None:
+        if qseg is None:
+            raise ValueError("`prefix_ids` needs `segment_ids` (the segments they refer to)")
+        if prefix_ids.shape != (b, t):
+            raise ValueError(f"`prefix_ids` must be [B, T] = {(b, t)}, got {prefix_ids.shape}")
+        prefix_ids = _pad(jnp.asarray(prefix_ids, jnp.int32), 1, tp)
     if qseg is not None:
         qseg = _pad(jnp.asarray(qseg, jnp.int32), 1, tp)
         kseg = _pad(jnp.asarray(kseg, jnp.int32), 1, sp)
@@ -305,5 +405,5 @@ def blockwise_attention(
     k4 = _pad(k.transpose(0, 2, 1, 3), 2, sp)
     v4 = _pad(v.transpose(0, 2, 1, 3), 2, sp)
     lay = _Blocks(bool(causal), window, qb, kb, s)
-    out = _flash(lay, q5, k4, v4, qpos, kpos, qseg, kseg, kvalid)
+    out = _flash(lay, q5, k4, v4, qpos, kpos, qseg, kseg, prefix_ids, kvalid)
     return out[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, heads, d)

@@ -270,6 +270,7 @@ class LlamaForCausalLM(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         *,
+        prefix_ids: jax.Array | None = None,
         output_hidden_states: bool = False,
         output_activations: bool = False,
     ) -> ModelOutput:
@@ -289,6 +290,11 @@ class LlamaForCausalLM(nnx.Module):
           segment_ids: `[B, T]` int ids of the sequences packed in a row (a token attends only
             to earlier tokens of its own segment); None for unpacked rows. Usually with
             `attention_mask` 0 on the padding after the last segment.
+          prefix_ids: `[B, T]` int, with `segment_ids`: the segment each token may see besides
+            its own, earlier in the row: a pair's shared prompt for its two completion
+            branches (`data.pack(..., share_prompt=True)`), the token's own segment elsewhere.
+            None: no sharing. Positions must then be given (the branches continue the
+            prompt's positions; `Batch.model_inputs` passes them).
           output_hidden_states: also return `hidden_states`.
           output_activations: also return `activations` (MaPO's activation masks).
 
@@ -319,8 +325,13 @@ class LlamaForCausalLM(nnx.Module):
             )
         self.config.check_length(input_ids.shape[1], full_sequence=True)
         if positions is None:
+            if prefix_ids is not None:
+                raise ValueError("`prefix_ids` needs explicit `positions`: a completion branch "
+                                 "continues its shared prompt's positions")  # fmt: skip
             positions = default_positions(attention_mask, segment_ids)
-        mask = attention_masks(attention_mask, segment_ids, self.config.attention_implementation)
+        mask = attention_masks(
+            attention_mask, segment_ids, self.config.attention_implementation, prefix_ids
+        )
         h = self.model.embed_tokens(input_ids)
         if self.dtype is not None:
             h = h.astype(self.dtype)

@@ -82,6 +82,7 @@ class DataConfig:
     packing: bool = False
     pack_length: int = 512
     pack_rows: int = 8
+    share_prompt: bool = False  # with packing: each pair's prompt packed once, for both sides
     seed: int = 0
     cache_dir: str | None = None
 
@@ -343,6 +344,10 @@ def validate(cfg: TrainConfig) -> None:
     _validate_unlearn(cfg)
     _validate_probe(cfg)
     _validate_reward(cfg)
+    if cfg.data.share_prompt and (cfg.task != "paired" or not cfg.data.packing):
+        raise ValueError("`data.share_prompt` packs each pair's prompt once: it needs task=paired "
+                         f"and `data.packing` true, got task={cfg.task!r}, "
+                         f"packing={cfg.data.packing}")  # fmt: skip
     if cfg.task == "online":
         from alignjax.train.online_config import validate_online
 

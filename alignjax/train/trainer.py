@@ -82,7 +82,7 @@ def train_loader(session: Session) -> D.DataLoader:
     config = D.LoaderConfig(
         batch_size=d.batch_size // o.grad_accum, seed=d.seed, buckets=d.buckets,
         sort_window=d.sort_window, packing=d.packing, pack_length=d.pack_length,
-        pack_rows=d.pack_rows, kto_kl=session.spec.kto_kl,
+        pack_rows=d.pack_rows, kto_kl=session.spec.kto_kl, share_prompt=d.share_prompt,
     )  # fmt: skip
     return D.DataLoader(session.train_data, config)
 

@@ -343,8 +343,10 @@ def span_mask(kind):
     m = np.zeros((B, T13), np.int32)
     if kind == "inside":  # span [4, 10): chunks of 3 at 4, 7
         m[0, 4:9], m[1, 6:10] = 1, 1
-    elif kind == "clamped":  # span [5, 13): chunks at 5, 8 and 10 (moved back; 10 seen twice)
+    elif kind == "clamped":  # span [5, 13): chunks of 3 at 5, 8, then of 1 at 11, 12
         m[0, 5:13], m[1, 7:11] = 1, 1
+    elif kind == "tail":  # chunks of 8: span [2, 13): one at 2, then of 2 at 10 and 11 (moved
+        m[0, 2:13], m[1, 4:6] = 1, 1  # back from 12 to end at 13; 11 seen twice)
     elif kind == "one":  # a single kept position
         m[1, 12] = 1
     elif kind == "holes":  # masked positions inside the span are still skipped per position
@@ -352,17 +354,19 @@ def span_mask(kind):
     return m  # "none": nothing kept
 
 
-@pytest.mark.parametrize("kind", ["inside", "clamped", "one", "holes", "none"])
+@pytest.mark.parametrize("kind", ["inside", "clamped", "tail", "one", "holes", "none"])
 def test_kept_span_values_and_gradients(rng, kind):
     """Values against float64 NumPy (1e-6) and gradients against the naive graph (1e-5), as
-    above; the chunk that is moved back overlaps the one before it and must not count its
-    positions twice (the gradients would double there)."""
+    above. The span's last partial chunk runs in quarter chunks (`SPAN_TAIL_SPLIT`); one that
+    is moved back overlaps the one before it and must not count its positions twice (the
+    gradients would double there)."""
+    chunk = 8 if kind == "tail" else 3
     f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     h, w, b, hr, wr, br = f(B, T13, D), f(D, V), f(V), f(B, T13, D), f(D, V), f(V)
     y = rng.integers(0, V, (B, T13)).astype(np.int32)
     m = span_mask(kind)
     c = rng.standard_normal((3, B, T13)).astype(np.float32)
-    s = fused_all(h, w, b, hr, wr, br, y, m, 4.0, 0.7, 3, 5, 4 * D * 3)
+    s = fused_all(h, w, b, hr, wr, br, y, m, 4.0, 0.7, chunk, 5, 4 * D * 3)
     z, r = R.head_logits(h, w, b, 4.0, 0.7), R.head_logits(hr, wr, br, 4.0, 0.7)
     for out, ref in zip(s, reference_stats(z, r, y, m)):
         np.testing.assert_array_equal(np.asarray(out)[m == 0], 0.0)
@@ -370,7 +374,7 @@ def test_kept_span_values_and_gradients(rng, kind):
             assert rel(out, ref) <= 1e-6
 
     head = (h, w, b, hr, wr, br)
-    got, want = fused_and_naive_grads(c, head, y, m, 4.0, 0.7, 3, 5, 4 * D * 3)
+    got, want = fused_and_naive_grads(c, head, y, m, 4.0, 0.7, chunk, 5, 4 * D * 3)
     for g1, g2, name in zip(got, want, ("hidden", "unembed", "bias")):
         if m.any():
             assert rel(g1, g2) <= 1e-5, name
@@ -384,6 +388,7 @@ def test_kept_span_bounds():
     for kind, want in (
         ("inside", (4, 10)),
         ("clamped", (5, 13)),
+        ("tail", (2, 13)),
         ("one", (12, 13)),
         ("none", (0, 0)),
     ):
@@ -393,8 +398,9 @@ def test_kept_span_bounds():
 def test_kept_span_skips_the_prompt_matmuls(monkeypatch):
     """The LM-head matmuls that run, counted per execution (a callback in `_logits`): 16
     positions in chunks of 4, policy log-probs, forward + backward (one matmul each per chunk).
-    A mask keeping the last 4 positions runs 1 chunk each way; no mask runs all 4; a mask that
-    also keeps position 0 spans everything again."""
+    A mask keeping the last 4 positions runs 1 chunk each way; no mask runs all 4; a span of 6
+    runs one chunk and its last 2 positions in quarter chunks; a mask that also keeps position
+    0 spans everything again."""
     from alignjax.ops import _fused
 
     calls = []
@@ -419,5 +425,7 @@ def test_kept_span_skips_the_prompt_matmuls(monkeypatch):
 
     assert matmuls(keep) == 2
     assert matmuls(None) == 8
+    keep[0, 10] = 1  # span [10, 16): a chunk of 4, then 2 quarter chunks of 1, each way
+    assert matmuls(keep) == 6
     keep[1, 0] = 1
     assert matmuls(keep) == 8

@@ -10,8 +10,9 @@ batch-sharded input stays sharded through the loop. Inside a chunk the vocabular
 cut into blocks of `vocab_chunk_size` entries and reduced with an online (running-max)
 logsumexp, as in flash-attention. A trailing partial chunk or block is handled as its own
 static block, so nothing (in particular `unembed`) is ever padded. With a mask (`span`), the
-chunks cover only the positions from the first to the last one any row keeps (`span_loop`), so
-the prompt positions of [prompt | completion] rows cost nothing, forward or backward.
+chunks cover only the positions from the first to the last one any row keeps (`span_loop`, its
+last partial chunk in quarter chunks), so the prompt positions of [prompt | completion] rows
+cost nothing, forward or backward.
 
 Memory. The forward pass keeps only `[B, T]` statistics (max, log-sum, entropy); the backward
 pass recomputes each chunk's logits and accumulates `d unembed` (in the compute dtype, in column
@@ -91,23 +92,38 @@ def kept_span(keep: jax.Array) -> jax.Array:
     return jnp.stack([jnp.where(found, lo, 0), jnp.where(found, hi, 0)]).astype(jnp.int32)
 
 
+SPAN_TAIL_SPLIT = 4  # the span's last, partial chunk runs in blocks of chunk / 4 (rounded up)
+
+
 def span_loop(body, carry, total: int, block: int, span):
     """`blocked_loop` over the positions [lo, hi) of `span` only (None: all of [0, total)), for
-    `body(carry, start, size, fresh)`. Blocks of `block` positions start at lo, lo + block, ...
-    (a traced trip count); the last is moved back to end at `total` when it would run past it,
-    and `fresh` ([size] bool, None on the static path) marks the positions that no earlier block
-    covered, so that a body writes, and accumulates, each position exactly once."""
+    `body(carry, start, size, fresh)`. Whole blocks of `block` positions start at lo,
+    lo + block, ... (a traced trip count); the rest of the span, fewer than `block` positions,
+    runs in blocks of ceil(block / SPAN_TAIL_SPLIT), so that at most that many positions past hi
+    are computed. A block that would run past `total` is moved back to end there, and `fresh`
+    ([size] bool, None on the static path) marks the positions that no earlier block covered,
+    so that a body writes, and accumulates, each position exactly once."""
     if span is None or total <= block:
         return blocked_loop(lambda c, s, n: body(c, s, n, None), carry, total, block)
     lo, hi = span[0], span[1]
-    offsets = jnp.arange(block)
 
-    def step(i, c):
-        want = lo + i * block
-        start = jnp.minimum(want, total - block)
-        return body(c, start, block, start + offsets >= want)
+    def run(carry, first, count, size: int):
+        offsets = jnp.arange(size)
 
-    return lax.fori_loop(0, (hi - lo + block - 1) // block, step, carry)
+        def step(i, c):
+            want = first + i * size
+            start = jnp.minimum(want, total - size)
+            return body(c, start, size, start + offsets >= want)
+
+        return lax.fori_loop(0, count, step, carry)
+
+    tail = -(-block // SPAN_TAIL_SPLIT)
+    if tail == block:  # blocks too small to split
+        return run(carry, lo, (hi - lo + block - 1) // block, block)
+    whole = (hi - lo) // block
+    carry = run(carry, lo, whole, block)
+    rest = lo + whole * block
+    return run(carry, rest, (hi - rest + tail - 1) // tail, tail)
 
 
 def _slice(x, start, size: int, axis: int):

@@ -5,7 +5,8 @@ All variants see the same examples (the shipped review pairs) and the same token
 batch: `--pairs-per-batch` pairs padded to one global length (naive), the same padded to the
 smallest of the buckets 16, 24, ..., after sorting by length in windows of 8 batches
 (bucketed), or packed into rows of `--pack-length` tokens with segment ids (packed; as many
-rows as give the naive batch's token count). The step is a DPO-shaped policy pass: fused
+rows as give the naive batch's token count), or packed with each pair's prompt once, shared by
+its two completions (`share_prompt`; same rows). The step is a DPO-shaped policy pass: fused
 per-token log-probs over the completion mask, summed per sequence, gradient w.r.t. all
 parameters. Time is per epoch after every shape has been compiled (compiles are counted),
 the best of `--reps` rounds in which the variants alternate.
@@ -68,7 +69,11 @@ def main(argv=None):
         "packed": data.LoaderConfig(
             batch_size=1, packing=True, pack_length=args.pack_length, pack_rows=rows
         ),
-    }
+        "packed, shared prompt": data.LoaderConfig(
+            batch_size=1, packing=True, pack_length=args.pack_length, pack_rows=rows,
+            share_prompt=True,
+        ),
+    }  # fmt: skip
     cfg = models.LlamaConfig(
         vocab_size=len(tok), hidden_size=args.width, intermediate_size=args.width * 3,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

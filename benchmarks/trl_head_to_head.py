@@ -42,13 +42,15 @@ Timed region, one optimizer step on a batch prepared before the clock starts:
              pre-tokenized rows, built once.
   PyTorch    policy forward, reference forward under no_grad, loss, `loss.backward()`,
              `optimizer.step()`, `optimizer.zero_grad(set_to_none=True)`.
-Process setting: every child (alignjax, TRL and PyTorch alike) starts with the heap setting
-the `alignjax` command applies by default (`GLIBC_TUNABLES` = `alignjax.cli.GLIBC_HEAP`: glibc
-keeps freed memory instead of unmapping it, so large temporaries are not faulted in afresh
-every step); `--heap default` runs every child without it.
+Process setting: by default every child starts without `GLIBC_TUNABLES` (as `python` starts);
+`--heap cli` starts every child (alignjax, TRL and PyTorch alike) with the heap setting the
+`alignjax` command applies by default (`alignjax.cli.GLIBC_HEAP`: glibc keeps freed memory
+instead of unmapping it, so large temporaries are not faulted in afresh every step). It speeds
+up the torch sides more than alignjax (README).
 
 Each side runs two untimed steps first (alignjax: its compile and a warm-up). Then `--rounds`
-rounds alternate the alignjax rows / TRL / PyTorch (and the matmul probe) at each
+rounds alternate the alignjax rows / TRL / PyTorch (the order rotating by one row each round,
+so that no row always runs first) and the matmul probe at each
 length, each timing `--reps` steps; a row's time is the median over rounds of the median of its
 steps, so that a slow spell of the shared machine hits every row.
 
@@ -470,9 +472,9 @@ def parse(argv=None) -> argparse.Namespace:
                     help=f"rows to leave out, of {FRAMEWORKS}")  # fmt: skip
     ap.add_argument(
         "--heap",
-        choices=("cli", "default"),
-        default="cli",
-        help="every child with the `alignjax` command's GLIBC_TUNABLES (cli) or none",
+        choices=("default", "cli"),
+        default="default",
+        help="every child without GLIBC_TUNABLES, or with the `alignjax` command's (cli)",
     )
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 lengths, 1 round")
     ap.add_argument("--out", type=Path, default=RESULTS / "trl_head_to_head")
@@ -510,9 +512,14 @@ def run(args, on_length=None) -> dict:
             rounds = {n: [] for n in children}
             probes, torch_probes = [], []
             pk = dict(length=length, pairs=pairs, size=args.matmul_size, reps=5)
-            for _ in range(args.rounds):
-                for n, c in children.items():
-                    rounds[n].append(statistics.median(c("time", reps=args.reps)["times"]))
+            for k in range(args.rounds):
+                # the order rotates by one row each round: no row always runs first (right after
+                # another process's steps) or last
+                order = list(children)[k % len(children) :] + list(children)[: k % len(children)]
+                for n in order:
+                    rounds[n].append(
+                        statistics.median(children[n]("time", reps=args.reps)["times"])
+                    )
                 prober = children.get("alignjax") or children.get("alignjax blockwise")
                 if prober:
                     probes.append(prober("probe", **pk))

@@ -323,13 +323,10 @@ def pack(
         )
     cap = len(examples) if max_examples is None else max_examples
     fill = [0] * num_rows
-    placed = []  # per example: (row, [(start, tokens, completion from, position 0)])
+    placed = []  # per example: [(row, start, tokens, completion from, position 0)] per piece
     for e in examples[:cap]:
-        if share_prompt:
-            pieces = _shared_pieces(e)
-        else:
-            pieces = [(seq, plen, 0) for seq, plen in _sequences([e], paired)]
         if share_prompt:  # one row span for the whole pair
+            pieces = _shared_pieces(e)
             n = sum(len(t) for t, _, _ in pieces)
             if n > length:
                 raise ValueError(f"row {e['row']}: {n} tokens do not fit a packed row of {length}")
@@ -343,6 +340,7 @@ def pack(
             fill[r] = start
             placed.append(where)
             continue
+        pieces = [(seq, plen, 0) for seq, plen in _sequences([e], paired)]
         trial, where = list(fill), []
         for seq, plen, p0 in pieces:
             n = len(seq)

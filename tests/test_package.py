@@ -197,14 +197,23 @@ def test_model_benchmark_runs(tmp_path):
 
 @pytest.mark.slow  # runs a script in a subprocess
 def test_packing_benchmark_runs(tmp_path):
-    """benchmarks/packing.py works end to end on a few pairs; every variant sees every token."""
+    """benchmarks/packing.py works end to end on a few pairs; every variant sees every token,
+    the shared-prompt one each prompt once (all but its last token, which both branches hold)."""
+    from alignjax import data
+
     out = tmp_path / "packing"
     args = ("--pairs", "24", "--reps", "1", "--width", "32", "--out", str(out))
     proc = run_script("benchmarks/packing.py", *args)
     assert "speed-up" in proc.stdout
     results = json.loads(out.with_suffix(".json").read_text())["results"]
-    assert [r["variant"] for r in results] == ["padded (one length)", "bucketed + sorted", "packed"]
-    assert len({r["real_tokens"] for r in results}) == 1  # same examples in every layout
+    assert [r["variant"] for r in results] == [
+        "padded (one length)", "bucketed + sorted", "packed", "packed, shared prompt"
+    ]  # fmt: skip
+    assert len({r["real_tokens"] for r in results[:3]}) == 1  # same examples in every layout
+    pairs = data.tokenize_dataset(data.shipped_dataset("train").select(range(24)),
+                                  data.shipped_tokenizer())  # fmt: skip
+    saved = sum(pairs[i]["chosen_prompt_length"] - 1 for i in range(24))
+    assert results[3]["real_tokens"] == results[2]["real_tokens"] - saved > 0
 
 
 def test_the_console_command_restarts_once_with_the_heap_tunables(monkeypatch):

@@ -11,7 +11,9 @@ Where each member is used:
   `model(**batch.model_inputs(), output_hidden_states=..., output_activations=...)` (the
   trainer's forward, `train.forward.policy_outputs`, formerly `train.step._hidden_and_head`;
   `model_inputs` holds input_ids, attention_mask, positions and, for packed batches,
-  segment_ids), and `train.reference` (precomputed reference log-probs). A loss's mask
+  segment_ids, and for shared-prompt batches (`data.pack(share_prompt=True)`) prefix_ids: a
+  family that does not take `prefix_ids` cannot train on those), and `train.reference`
+  (precomputed reference log-probs). A loss's mask
   provider reads the reference's `hidden_states[1:]` (SparsePO's mask heads) or `activations`
   (MaPO).
 - `unembed()`: the LM head handed with `last_hidden_state` to `ops.fused_token_logps` /

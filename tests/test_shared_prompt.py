@@ -205,3 +205,34 @@ def test_loader_and_config():
                                                     "task=sft"]):  # fmt: skip
         with pytest.raises(ValueError, match="`data.share_prompt` packs each pair's prompt once"):
             C.load_config(None, overrides)
+
+
+@pytest.mark.slow  # a trainer setup (model, data, tokenizer) per layout
+def test_through_the_trainer(tmp_path):
+    """`data.share_prompt` through `trainer.setup`, its loader and the step's `token_stats`:
+    the first examples' policy and reference log-prob sums, in the loss layout, equal those of
+    plain packing (float32 sums of ~20-60 log-probs in another order: 2e-5, as the packed vs
+    padded test in test_data.py)."""
+    from alignjax.train import config as C
+    from alignjax.train import trainer
+
+    base = ["data.train=shipped:test", "data.eval=null", "mesh.devices=1", "model.preset=tiny",
+            "data.max_length=64", "data.packing=true", "data.pack_length=256",
+            "data.pack_rows=2", f"out_dir={tmp_path}"]  # fmt: skip
+    out = []
+    for share in ("false", "true"):
+        session = trainer.setup(C.load_config(None, [*base, f"data.share_prompt={share}"]))
+        _, batch = next(trainer.train_loader(session).epoch(0))
+        assert (batch.prefix_ids is not None) == (share == "true")
+        st = S.token_stats(session.spec, session.state, session.state.params,
+                           jax.tree.map(jnp.asarray, batch))  # fmt: skip
+        e = len(batch.rows)
+        sums = [np.asarray((x * st.mask).sum(-1)) for x in (st.logps, st.ref_logps)]
+        out.append((batch.rows, [(s[:e], s[e:]) for s in sums]))
+    (rows_plain, plain), (rows_shared, shared) = out
+    n = int((rows_plain >= 0).sum())
+    assert 0 < n < int((rows_shared >= 0).sum())  # the shared rows hold more examples
+    assert rows_plain[:n].tolist() == rows_shared[:n].tolist()
+    for (pc, pr), (sc, sr) in zip(plain, shared):
+        np.testing.assert_allclose(sc[:n], pc[:n], rtol=2e-5)
+        np.testing.assert_allclose(sr[:n], pr[:n], rtol=2e-5)

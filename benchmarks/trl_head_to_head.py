@@ -17,7 +17,8 @@ Rows, each in its own persistent child process (JSON lines over stdin / stdout):
   alignjax shared prompt  the same step on the same pairs packed with their prompt shared
                       (`data.pack(..., share_prompt=True)`, one row per pair: [prompt[:-1] |
                       prompt[-1], chosen | prompt[-1], rejected]): the prompt is computed once
-                      per pair instead of twice, with the same loss and gradients.
+                      per pair instead of twice, with the same loss and gradients up to
+                      float rounding.
   alignjax blockwise  the same with `attention_implementation="blockwise"` (key/value blocks of
                       128, 256 from 1024 tokens, with an online softmax; it skips the blocks
                       above the causal diagonal): the same program as "alignjax" from 512 on.

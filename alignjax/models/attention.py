@@ -12,7 +12,11 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from alignjax.models.flash_attention import SequenceMask, blockwise_attention
+from alignjax.models.flash_attention import (
+    SequenceMask,
+    blockwise_attention,
+    check_prefix_ids,
+)
 from alignjax.models.pallas_attention import PALLAS_IMPLEMENTATIONS, pallas_attention
 
 if TYPE_CHECKING:
@@ -189,7 +193,7 @@ def attention_mask_4d(
     causal = jnp.tril(jnp.ones((t, t), bool))
     keys = attention_mask.astype(bool)[:, None, None, :]
     mask = causal[None, None] & keys
-    _check_prefix(attention_mask, segment_ids, prefix_ids)
+    check_prefix_ids(prefix_ids, segment_ids, attention_mask.shape)
     if segment_ids is not None:
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
         if prefix_ids is not None:
@@ -197,17 +201,6 @@ def attention_mask_4d(
         mask = mask & same[:, None]
     # A query row with no visible key (a padding position) attends to itself: finite, ignored.
     return mask | jnp.eye(t, dtype=bool)[None, None]
-
-
-def _check_prefix(attention_mask, segment_ids, prefix_ids) -> None:
-    if prefix_ids is None:
-        return
-    if segment_ids is None:
-        raise ValueError("`prefix_ids` needs `segment_ids` (the segments they refer to)")
-    if prefix_ids.shape != attention_mask.shape:
-        raise ValueError(
-            f"`prefix_ids` must have shape {attention_mask.shape}, got {prefix_ids.shape}"
-        )
 
 
 def attention_masks(
@@ -222,7 +215,7 @@ def attention_masks(
     else `attention_mask_4d`."""
     implementation = resolved_implementation(implementation, attention_mask.shape[-1])
     if implementation in SEQUENCE_MASK_IMPLEMENTATIONS:
-        _check_prefix(attention_mask, segment_ids, prefix_ids)
+        check_prefix_ids(prefix_ids, segment_ids, attention_mask.shape)
         return SequenceMask(attention_mask.astype(bool), segment_ids, prefix_ids)
     return attention_mask_4d(attention_mask, segment_ids, prefix_ids)
 

@@ -61,6 +61,16 @@ class SequenceMask(NamedTuple):
 SKIP, FULL, PARTIAL = 0, 1, 2  # block pair classes (`_block_classes`)
 
 
+def check_prefix_ids(prefix_ids, segment_ids, shape) -> None:
+    """`prefix_ids` (None, or [B, T] = `shape`) needs the `segment_ids` it refers to."""
+    if prefix_ids is None:
+        return
+    if segment_ids is None:
+        raise ValueError("`prefix_ids` needs `segment_ids` (the segments they refer to)")
+    if tuple(prefix_ids.shape) != tuple(shape):
+        raise ValueError(f"`prefix_ids` must have shape {tuple(shape)}, got {prefix_ids.shape}")
+
+
 class _Blocks(NamedTuple):
     """Static layout (hashable: a `nondiff_argnums` entry)."""
 
@@ -191,7 +201,8 @@ def _slice(x, start, size: int, axis: int):
 
 
 def _forward(lay: _Blocks, q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid):
-    """q [B, KV, G, Tp, d], k and v [B, KV, Sp, d] -> (out like q, lse [B, KV, G, Tp] f32)."""
+    """q [B, KV, G, Tp, d], k and v [B, KV, Sp, d] -> (out like q, lse [B, KV, G, Tp] f32,
+    the block pair classes [nq, nk], which the backward pass reuses)."""
     b, kvh, g, tp, d = q.shape
     qb, kb = lay.q_block, lay.kv_block
     scale = d**-0.5
@@ -244,7 +255,7 @@ def _forward(lay: _Blocks, q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid):
     # [nq, B, KV, G, qb, ...] -> [B, KV, G, Tp, ...]
     out = jnp.moveaxis(out, 0, 3).reshape(b, kvh, g, tp, d)
     lse = jnp.moveaxis(lse, 0, 3).reshape(b, kvh, g, tp)
-    return out, lse
+    return out, lse, classes
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -253,18 +264,17 @@ def _flash(lay, q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid):
 
 
 def _flash_fwd(lay, q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid):
-    out, lse = _forward(lay, q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid)
-    return out, (q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid, out, lse)
+    out, lse, classes = _forward(lay, q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid)
+    return out, (q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid, out, lse, classes)
 
 
 def _flash_bwd(lay, res, d_out):
-    q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid, out, lse = res
+    q, k, v, qpos, kpos, qseg, kseg, qpre, kvalid, out, lse, classes = res
     b, kvh, g, tp, d = q.shape
     sp = k.shape[2]
     qb, kb = lay.q_block, lay.kv_block
     scale = d**-0.5
     _, (lo, hi) = _block_ranges(lay, qpos, kpos)
-    classes = _block_classes(lay, qpos, kpos, qseg, kseg, qpre, kvalid)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
     def kv_step(dq, j):
@@ -388,11 +398,8 @@ def blockwise_attention(
         qseg, kseg = segment_ids
     else:
         qseg = kseg = segment_ids
+    check_prefix_ids(prefix_ids, qseg, (b, t))
     if prefix_ids is not None:
-        if qseg is None:
-            raise ValueError("`prefix_ids` needs `segment_ids` (the segments they refer to)")
-        if prefix_ids.shape != (b, t):
-            raise ValueError(f"`prefix_ids` must be [B, T] = {(b, t)}, got {prefix_ids.shape}")
         prefix_ids = _pad(jnp.asarray(prefix_ids, jnp.int32), 1, tp)
     if qseg is not None:
         qseg = _pad(jnp.asarray(qseg, jnp.int32), 1, tp)

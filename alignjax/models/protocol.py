@@ -13,7 +13,10 @@ Where each member is used:
   `model_inputs` holds input_ids, attention_mask, positions and, for packed batches,
   segment_ids, and for shared-prompt batches (`data.pack(share_prompt=True)`) prefix_ids: a
   family that does not take `prefix_ids` cannot train on those), and `train.reference`
-  (precomputed reference log-probs). A loss's mask
+  (precomputed reference log-probs). Optionally `keep_mask=` ([B, T], the loss mask): the train
+  step reads `last_hidden_state` at those positions only and passes it, when the family's
+  `__call__` takes that argument (`train.forward.takes_keep_mask`), so that the model may skip
+  work elsewhere (`LlamaForCausalLM` runs its last layer's MLP on a window). A loss's mask
   provider reads the reference's `hidden_states[1:]` (SparsePO's mask heads) or `activations`
   (MaPO).
 - `unembed()`: the LM head handed with `last_hidden_state` to `ops.fused_token_logps` /

@@ -16,9 +16,8 @@ import optax
 import pytest
 from flax import nnx
 
-from alignjax import data, models, peft
+from alignjax import data, models, online, peft
 from alignjax.models.llama import window_widths
-from alignjax.train import forward as F
 from alignjax.train import step as S
 
 TOL = 1e-5
@@ -160,7 +159,7 @@ def test_the_train_step_passes_the_loss_mask():
     out = []
     for cls in (models.LlamaForCausalLM, NoKeepMask):
         model = cls(models.LlamaConfig(**CFG), rngs=nnx.Rngs(0))
-        assert F.takes_keep_mask(model) == (cls is models.LlamaForCausalLM)
+        assert models.takes_keep_mask(model) == (cls is models.LlamaForCausalLM)
         state = S.init_state(model, opt, wrt=nnx.Param, reference="frozen")
         step = S.build_step(spec, opt, donate=False)
         state, m = step(state, batch)
@@ -170,3 +169,36 @@ def test_the_train_step_passes_the_loss_mask():
         for key in ("logps/chosen", "logps/rejected", "loss", "grad_norm"):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
     assert float(out[1][0]["grad_norm"]) > 1e-3
+
+
+def test_teacher_forced_logps_pass_the_completion_mask():
+    """GRPO / Online DPO's `online.teacher_forced_logps` (left-padded prompts of 12, completions
+    of 8 with padding after an early stop): the log-probs equal a model's without `keep_mask`
+    (float32, ~8 terms per sum: 1e-5 relative), and their gradients too."""
+    rng = np.random.default_rng(5)
+    prompt_mask = np.ones((2, 12), np.int32)
+    prompt_mask[1, :3] = 0
+    completion_mask = np.ones((2, 8), np.int32)
+    completion_mask[0, 6:] = 0
+    roll = online.Rollout(
+        prompt_ids=jnp.asarray(rng.integers(1, 64, (2, 12)) * prompt_mask),
+        prompt_mask=jnp.asarray(prompt_mask),
+        completion_ids=jnp.asarray(rng.integers(1, 64, (2, 8)) * completion_mask),
+        completion_mask=jnp.asarray(completion_mask),
+        missing_eos=jnp.zeros(2, bool),
+        logps=jnp.zeros((2, 8)),
+        prompt_index=jnp.arange(2, dtype=jnp.int32),
+        sample_index=jnp.zeros(2, jnp.int32),
+        num_generations=1,
+        layout="grouped",
+    )
+    out = []
+    for cls in (models.LlamaForCausalLM, NoKeepMask):
+        model = cls(models.LlamaConfig(**CFG), rngs=nnx.Rngs(0))
+        total = lambda m: jnp.sum(online.teacher_forced_logps(m, roll))  # noqa: E731
+        out.append((online.teacher_forced_logps(model, roll), nnx.grad(total)(model)))
+    (lp, g), (lp_ref, g_ref) = out
+    np.testing.assert_allclose(lp, lp_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        scale = float(jnp.max(jnp.abs(b)))
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(scale, 1e-12))

@@ -14,8 +14,6 @@ hidden states or activations into token weights.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -24,6 +22,7 @@ import jax.numpy as jnp
 from alignjax import losses as L
 from alignjax import ops
 from alignjax.data.batching import unpack
+from alignjax.models.protocol import takes_keep_mask
 from alignjax.peft import adapters_disabled
 from alignjax.train.state import TrainState, heads_of, model_of
 
@@ -67,16 +66,6 @@ def policy_outputs(model, batch, *, reads: str | None = None, keep=None):
         output_activations=reads == "activations",
     )
     return out, model.unembed()
-
-
-@functools.cache
-def _call_takes(cls: type, name: str) -> bool:
-    return name in inspect.signature(cls.__call__).parameters
-
-
-def takes_keep_mask(model) -> bool:
-    """Whether `model(...)` takes `keep_mask` (optional in the `models.CausalLM` protocol)."""
-    return _call_takes(type(model), "keep_mask")
 
 
 def reference_outputs(spec, state: TrainState, params, batch, keep=None):

@@ -639,8 +639,7 @@ def report(res: dict) -> str:
         "position; every side is credited the same FLOPs. alignjax does fewer: its attention "
         "skips the blocks above the causal diagonal, and its fused LM head computes only the "
         "positions from the first to the last completion token (here the second half of each "
-        "row), as do the last decoder layer's output projection and MLP (`keep_mask`). The "
-        "shared-prompt row is credited the same FLOPs too, though it runs each "
+        "row). The shared-prompt row is credited the same FLOPs too, though it runs each "
         "prompt once per pair."
     )
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from alignjax.models.llama import (
     rope_frequencies,
 )
 from alignjax.models.projection import projection_dot_general
-from alignjax.models.protocol import CausalLM, takes_keep_mask
+from alignjax.models.protocol import CausalLM
 from alignjax.models.sampling import Generation, generate, generate_mixture, mixture_logits
 
 __all__ = [
@@ -41,5 +41,4 @@ __all__ = [
     "resolved_implementation",
     "rope_frequencies",
     "save_pretrained",
-    "takes_keep_mask",
 ]

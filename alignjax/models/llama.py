@@ -41,7 +41,6 @@ from alignjax.models.config import (  # noqa: F401  (re-exported: models.llama.L
     canonical_dtype,
 )
 from alignjax.models.projection import projection_dot_general
-from alignjax.ops.logprobs import kept_span
 
 
 def _canonical_lin(lin: dict) -> dict:
@@ -87,10 +86,9 @@ class Attention(nnx.Module):
         self.heads, self.kv, self.hd = cfg.num_attention_heads, cfg.kv_heads, hd
         self.implementation, self.window = cfg.attention_implementation, cfg.attention_window
 
-    def __call__(self, x, positions, mask, inv_freq, cache=None, project=True):
+    def __call__(self, x, positions, mask, inv_freq, cache=None):
         """`cache`: None, or (k_cache, v_cache, index) with [B, S, kv, hd] buffers: the new keys
-        and values are written at slots index .. index + T and `mask` is [B, 1, T, S].
-        `project` False: the first output is None (the caller applies `o_proj` to the heads)."""
+        and values are written at slots index .. index + T and `mask` is [B, 1, T, S]."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.heads, self.hd)
         k = self.k_proj(x).reshape(b, t, self.kv, self.hd)
@@ -111,7 +109,7 @@ class Attention(nnx.Module):
             k, v, new_cache = k_cache.astype(q.dtype), v_cache.astype(q.dtype), (k_cache, v_cache)
             out = attention(q, k, v, mask, implementation=impl)
         out = out.reshape(b, t, self.heads * self.hd)
-        return (self.o_proj(out) if project else None), out, new_cache
+        return self.o_proj(out), out, new_cache
 
 
 class MLP(nnx.Module):
@@ -136,75 +134,14 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd)
         self.mlp = MLP(cfg, lin, rngs)
 
-    def __call__(self, h, positions, mask, inv_freq, cache=None, span=None):
-        """`span` (None, or int32 (lo, hi) traced): only the outputs at positions [lo, hi) are
-        read. Attention still runs over every position (its keys and values are every
-        position's), but its output projection and the MLP run only on a window of one of
-        `window_widths(T)` positions that covers [lo, hi); the output is 0 elsewhere (and the
-        activations are not returned)."""
-        widths = window_widths(h.shape[1]) if span is not None else ()
+    def __call__(self, h, positions, mask, inv_freq, cache=None):
         attn, heads, cache = self.self_attn(
-            self.input_layernorm(h), positions, mask, inv_freq, cache, project=len(widths) < 2
+            self.input_layernorm(h), positions, mask, inv_freq, cache
         )
-        if len(widths) >= 2:
-            return _windowed_tail(self, h, heads, span, widths), None, cache
         h = h + attn
         mlp, mlp_act = self.mlp(self.post_attention_layernorm(h))
         h = h + mlp
         return h, {"attn": heads, "mlp": mlp_act}, cache
-
-
-# A span-restricted layer's window is half or all of the row (`window_widths`). Four widths (1/4 ..
-# 4/4) gained nothing in the head-to-head step: JAX's switch keeps every branch's residuals for
-# the backward pass, zeros for the branches not taken, and those cost what the narrower windows
-# saved (alternating A/B at 128 / 1024 tokens: 2-6% faster with two widths, 0-2% with four).
-WINDOW_SPLIT = 2
-
-
-def window_widths(length: int) -> tuple[int, ...]:
-    """The static window widths a `span`-restricted layer picks from: ceil(k T / WINDOW_SPLIT)
-    for k = 1 .. WINDOW_SPLIT, rounded up to a multiple of 8 and at most T, without repeats
-    (rows shorter than 16 positions: T alone, i.e. no window)."""
-    if length < 16:
-        return (length,)
-    widths = set()
-    for k in range(1, WINDOW_SPLIT + 1):
-        share = -(-k * length // WINDOW_SPLIT)  # ceil(k T / split)
-        widths.add(min(length, -(-share // 8) * 8))
-    return tuple(sorted(widths))
-
-
-def _windowed_tail(layer, h, heads, span, widths):
-    """The decoder layer after attention (output projection, residual, MLP, residual) on the
-    narrowest window of `widths` that covers the span, placed in a zero [B, T, D] array."""
-    length = h.shape[1]
-    lo, hi = span[0], span[1]
-    index = jnp.sum(jnp.asarray(widths[:-1], jnp.int32) < hi - lo).astype(jnp.int32)
-
-    def branch(width):
-        def run(layer, h, heads):
-            start = jnp.clip(lo, 0, length - width)
-            x = jax.lax.dynamic_slice_in_dim(h, start, width, 1)
-            x = x + layer.self_attn.o_proj(jax.lax.dynamic_slice_in_dim(heads, start, width, 1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))[0]
-            return jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(h), x, start, 1)
-
-        return run
-
-    # A pure function of the layer's state under `lax.switch` (as in `_rematerialised`: the
-    # parameters may come from different traces, which `nnx.switch`'s write-back refuses).
-    graphdef, state = nnx.split(layer)
-
-    def pure(run):
-        def call(state, h, heads):
-            module = nnx.merge(graphdef, state)
-            return run(module, h, heads), nnx.state(module, nnx.Not(nnx.Param))
-
-        return call
-
-    out, changed = jax.lax.switch(index, [pure(branch(w)) for w in widths], state, h, heads)
-    _write_back_dropout(layer, changed)
-    return out
 
 
 def _rematerialised(layer, *args):
@@ -223,18 +160,12 @@ def _rematerialised(layer, *args):
         return out, nnx.state(module, nnx.Not(nnx.Param))
 
     out, changed = jax.checkpoint(pure)(state, *args)
-    _write_back_dropout(layer, changed)
-    return out
-
-
-def _write_back_dropout(layer, changed) -> None:
-    """Write the non-parameter state a pure call of `layer` returned back into it when it has
-    active dropout (its RNG counters advanced), and only then."""
     if any(
         isinstance(m, nnx.Dropout) and m.rate > 0 and not m.deterministic
         for _, m in nnx.iter_graph(layer)
     ):
         nnx.update(layer, changed)
+    return out
 
 
 class ModelOutput(NamedTuple):
@@ -340,7 +271,6 @@ class LlamaForCausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         *,
         prefix_ids: jax.Array | None = None,
-        keep_mask: jax.Array | None = None,
         output_hidden_states: bool = False,
         output_activations: bool = False,
     ) -> ModelOutput:
@@ -365,15 +295,6 @@ class LlamaForCausalLM(nnx.Module):
             branches (`data.pack(..., share_prompt=True)`), the token's own segment elsewhere.
             None: no sharing. Positions must then be given (the branches continue the
             prompt's positions; `Batch.model_inputs` passes them).
-          keep_mask: `[B, T]` bool / int, or None: the positions of `last_hidden_state` the
-            caller reads (the trainer passes the loss mask: its fused LM head reads nothing
-            else). The last decoder layer then runs its attention output projection and its
-            MLP only on a window of positions that covers every kept one (from the first
-            position any row keeps to the last; the narrowest of `window_widths(T)`: half the
-            row or all of it), and `last_hidden_state` is 0 outside the window. The kept
-            positions' values, and their gradients, are the full computation's: a
-            completion-only loss skips most of that layer's work on the prompts. Cannot be
-            combined with `output_hidden_states` / `output_activations`.
           output_hidden_states: also return `hidden_states`.
           output_activations: also return `activations` (MaPO's activation masks).
 
@@ -390,11 +311,9 @@ class LlamaForCausalLM(nnx.Module):
               the layer's output}`.
 
         Raises:
-          ValueError: `input_ids` is not 2-D, `attention_mask` or `keep_mask` has another
-            shape, `keep_mask` comes with `output_hidden_states` / `output_activations`, or T
-            exceeds a Mistral / Qwen2 sliding window where it is not applied
-            (`LlamaConfig.check_length`: a Mistral window is, by "blockwise" and
-            "pallas_splash").
+          ValueError: `input_ids` is not 2-D, `attention_mask` has another shape, or T exceeds
+            a Mistral / Qwen2 sliding window where it is not applied (`LlamaConfig.check_length`:
+            a Mistral window is, by "blockwise" and "pallas_splash").
         """
         if input_ids.ndim != 2:
             raise ValueError(f"`input_ids` must be [B, T], got shape {input_ids.shape}")
@@ -405,16 +324,6 @@ class LlamaForCausalLM(nnx.Module):
                 f"`attention_mask` must have shape {input_ids.shape}, got {attention_mask.shape}"
             )
         self.config.check_length(input_ids.shape[1], full_sequence=True)
-        span = None
-        if keep_mask is not None:
-            if keep_mask.shape != input_ids.shape:
-                raise ValueError(f"`keep_mask` must have shape {input_ids.shape}, "
-                                 f"got {keep_mask.shape}")  # fmt: skip
-            if output_hidden_states or output_activations:
-                raise ValueError("`keep_mask` restricts the last layer to the kept positions: "
-                                 "it cannot be combined with output_hidden_states / "
-                                 "output_activations")  # fmt: skip
-            span = kept_span(keep_mask.astype(bool))
         if positions is None:
             if prefix_ids is not None:
                 raise ValueError("`prefix_ids` needs explicit `positions`: a completion branch "
@@ -428,11 +337,9 @@ class LlamaForCausalLM(nnx.Module):
             h = h.astype(self.dtype)
         inv_freq = rope_frequencies(self.config)  # a constant under jit
         hidden, acts = [h], []
-        last_layer = len(self.model.layers) - 1
-        for i, layer in enumerate(self.model.layers):
+        for layer in self.model.layers:
             call = _rematerialised if self.remat else type(layer).__call__
-            window = (span,) if i == last_layer and span is not None else ()
-            h, act, _ = call(layer, h, positions, mask, inv_freq, None, *window)
+            h, act, _ = call(layer, h, positions, mask, inv_freq)
             if output_hidden_states:
                 hidden.append(h)
             if output_activations:

@@ -13,10 +13,7 @@ Where each member is used:
   `model_inputs` holds input_ids, attention_mask, positions and, for packed batches,
   segment_ids, and for shared-prompt batches (`data.pack(share_prompt=True)`) prefix_ids: a
   family that does not take `prefix_ids` cannot train on those), and `train.reference`
-  (precomputed reference log-probs). Optionally `keep_mask=` ([B, T], the loss mask): the train
-  step reads `last_hidden_state` at those positions only and passes it, when the family's
-  `__call__` takes that argument (`takes_keep_mask`), so that the model may skip
-  work elsewhere (`LlamaForCausalLM` runs its last layer's MLP on a window). A loss's mask
+  (precomputed reference log-probs). A loss's mask
   provider reads the reference's `hidden_states[1:]` (SparsePO's mask heads) or `activations`
   (MaPO).
 - `unembed()`: the LM head handed with `last_hidden_state` to `ops.fused_token_logps` /
@@ -34,15 +31,13 @@ Where each member is used:
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any, Protocol, runtime_checkable
 
 import jax
 
 from alignjax.models.llama import ModelOutput
 
-__all__ = ["CausalLM", "takes_keep_mask"]
+__all__ = ["CausalLM"]
 
 
 @runtime_checkable
@@ -114,14 +109,3 @@ class CausalLM(Protocol):
         the new keys / values are written to. Returns the final hidden states `[B, T, D]`
         (after the final norm, as `last_hidden_state`) and the updated caches."""
         ...
-
-
-@functools.cache
-def _call_takes(cls: type, name: str) -> bool:
-    return name in inspect.signature(cls.__call__).parameters
-
-
-def takes_keep_mask(model) -> bool:
-    """Whether `model(...)` takes `keep_mask` (optional in the protocol: `LlamaForCausalLM`
-    does; callers that read `last_hidden_state` at a mask's positions only pass it then)."""
-    return _call_takes(type(model), "keep_mask")

@@ -45,7 +45,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from alignjax import ops
-from alignjax.models.protocol import takes_keep_mask
 from alignjax.models.sampling import generate, generate_mixture
 from alignjax.ops import _checks as C
 
@@ -289,8 +288,7 @@ def teacher_forced_logps(model, rollout: Rollout, *, temperature: float = 1.0, *
         1,
     )
     labels, mask = ops.next_token_alignment(ids, attention, completion)
-    # the LM head reads the completion positions only: the last layer may skip the prompts
-    out = model(ids, attention, **({"keep_mask": mask} if takes_keep_mask(model) else {}))
+    out = model(ids, attention)
     logps = ops.fused_token_logps(
         out.last_hidden_state, model.unembed(), labels, mask, temperature=temperature, **head_kwargs
     )

@@ -266,7 +266,7 @@ def build_probe_step() -> Callable:
     per-token entropies and its completion token count, from one fused LM-head pass."""
 
     def step(state: TrainState, batch):
-        out, w = policy_outputs(model_of(state), batch, keep=batch.loss_mask)
+        out, w = policy_outputs(model_of(state), batch)
         mask = batch.loss_mask
         stats = ops.fused_token_stats(out.last_hidden_state, w, batch.labels, mask, entropy=True)
         return {

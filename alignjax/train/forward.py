@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from alignjax import losses as L
 from alignjax import ops
 from alignjax.data.batching import unpack
-from alignjax.models.protocol import takes_keep_mask
 from alignjax.peft import adapters_disabled
 from alignjax.train.state import TrainState, heads_of, model_of
 
@@ -50,29 +49,21 @@ class TokenStats(NamedTuple):
     masks: dict  # a MaskProvider's token weights, name -> [Q, L]
 
 
-def policy_outputs(model, batch, *, reads: str | None = None, keep=None):
+def policy_outputs(model, batch, *, reads: str | None = None):
     """`(models.ModelOutput, unembed)` of `model` on a batch; `reads` = "hidden_states" or
-    "activations" also returns those (what a `MaskProvider` reads). `keep` ([R, T], e.g. the
-    loss mask): the caller reads `last_hidden_state` at those positions only, which lets a
-    model that takes `keep_mask` (`LlamaForCausalLM`) skip most of its last layer elsewhere;
-    ignored with `reads` and by a model without that argument (the values are the same)."""
-    kw = {}
-    if keep is not None and reads is None and takes_keep_mask(model):
-        kw["keep_mask"] = keep
+    "activations" also returns those (what a `MaskProvider` reads)."""
     out = model(
         **batch.model_inputs(),
-        **kw,
         output_hidden_states=reads == "hidden_states",
         output_activations=reads == "activations",
     )
     return out, model.unembed()
 
 
-def reference_outputs(spec, state: TrainState, params, batch, keep=None):
+def reference_outputs(spec, state: TrainState, params, batch):
     """The reference model's output (final hidden states, and the layer outputs or activations
     the loss's mask provider reads) and LM head, without gradient; (None, None) when the
-    reference is not run in the step ("precomputed", "none", or a reference-free loss).
-    `keep`: as in `policy_outputs`."""
+    reference is not run in the step ("precomputed", "none", or a reference-free loss)."""
     if not (spec.needs.reference or spec.needs.reference_in_step):
         return None, None
     reads = None if spec.masks is None else spec.masks.reads
@@ -81,10 +72,10 @@ def reference_outputs(spec, state: TrainState, params, batch, keep=None):
             raise ValueError("reference='frozen' needs a state built with reference='frozen'")
         ref = model_of(state, state.ref)
         ref.remat = False  # no gradient flows through the reference: nothing to recompute
-        out, w = policy_outputs(ref, batch, reads=reads, keep=keep)
+        out, w = policy_outputs(ref, batch, reads=reads)
     elif spec.reference == "adapters_disabled":
         with adapters_disabled(model_of(state, params)) as base:
-            out, w = policy_outputs(base, batch, reads=reads, keep=keep)
+            out, w = policy_outputs(base, batch, reads=reads)
     else:
         return None, None
     return jax.lax.stop_gradient(out), jax.lax.stop_gradient(w)
@@ -152,12 +143,9 @@ def token_stats(spec, state: TrainState, params, batch) -> TokenStats:
         scores, mask = to_sequences(spec, batch, [reward_scores(state, params, batch),
                                                   batch.loss_mask])  # fmt: skip
         return TokenStats(scores, None, None, mask, {})
-    # Every value below is read at the loss mask's positions only (the fused LM head's span);
-    # the reference's output also goes to a mask provider, which may read any position.
-    out, w = policy_outputs(model_of(state, params), batch, keep=batch.loss_mask)
+    out, w = policy_outputs(model_of(state, params), batch)
     h = out.last_hidden_state
-    ref_keep = batch.loss_mask if spec.masks is None else None
-    ref_out, rw = reference_outputs(spec, state, params, batch, keep=ref_keep)
+    ref_out, rw = reference_outputs(spec, state, params, batch)
     mask = batch.loss_mask
     if ref_out is None:
         logps = ops.fused_token_logps(h, w, batch.labels, mask, temperature=spec.temperature)

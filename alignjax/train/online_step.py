@@ -40,7 +40,7 @@ from alignjax import ops
 from alignjax.data.batching import shift_labels
 from alignjax.losses.online import ScoredRolloutBatch
 from alignjax.peft import adapters_disabled
-from alignjax.train.forward import policy_outputs, swap_row_blocks, to_sequences
+from alignjax.train.forward import swap_row_blocks, to_sequences
 from alignjax.train.online_config import PAIR_METHODS, needs_reference
 from alignjax.train.state import model_of
 from alignjax.train.step import StepSpec
@@ -187,9 +187,10 @@ def reference_logps(state, ref_params, batch: OnlineBatch, *, adapters_off: bool
     adapters disabled (`adapters_off`, `ref_params` unused)."""
     if adapters_off:
         with adapters_disabled(model_of(state)) as base:
-            out, w = policy_outputs(base, batch, keep=batch.loss_mask)
+            out, w = base(**batch.model_inputs()), base.unembed()
     else:
-        out, w = policy_outputs(model_of(state, ref_params), batch, keep=batch.loss_mask)
+        model = model_of(state, ref_params)
+        out, w = model(**batch.model_inputs()), model.unembed()
     logps = ops.fused_token_logps(out.last_hidden_state, w, batch.labels, batch.loss_mask,
                                   temperature=temperature)  # fmt: skip
     return jax.lax.stop_gradient(logps)

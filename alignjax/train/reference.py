@@ -25,7 +25,6 @@ from flax import nnx
 
 from alignjax import ops
 from alignjax.data.batching import Batch, collate
-from alignjax.train.forward import policy_outputs
 
 __all__ = ["RefCache", "weights_fingerprint", "cache_key", "precompute"]
 
@@ -133,8 +132,8 @@ def precompute(
 
     @nnx.jit
     def logps(model, batch):
-        out, w = policy_outputs(model, batch, keep=batch.loss_mask)
-        return ops.fused_token_logps(out.last_hidden_state, w, batch.labels, batch.loss_mask)
+        h = model(**batch.model_inputs()).last_hidden_state
+        return ops.fused_token_logps(h, model.unembed(), batch.labels, batch.loss_mask)
 
     ds = tokenized.dataset
     rows, seqs = [], {}

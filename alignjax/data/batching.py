@@ -325,33 +325,24 @@ def pack(
     fill = [0] * num_rows
     placed = []  # per example: [(row, start, tokens, completion from, position 0)] per piece
     for e in examples[:cap]:
-        if share_prompt:  # one row span for the whole pair
-            pieces = _shared_pieces(e)
-            n = sum(len(t) for t, _, _ in pieces)
-            if n > length:
-                raise ValueError(f"row {e['row']}: {n} tokens do not fit a packed row of {length}")
-            r = next((r for r in range(num_rows) if fill[r] + n <= length), None)
-            if r is None:
-                break
-            where, start = [], fill[r]
-            for t, c, p0 in pieces:
-                where.append((r, start, t, c, p0))
-                start += len(t)
-            fill[r] = start
-            placed.append(where)
-            continue
-        pieces = [(seq, plen, 0) for seq, plen in _sequences([e], paired)]
+        # groups of pieces that go contiguously into one row: the whole pair when its prompt is
+        # shared, else each sequence on its own
+        if share_prompt:
+            groups = [_shared_pieces(e)]
+        else:
+            groups = [[(seq, plen, 0)] for seq, plen in _sequences([e], paired)]
         trial, where = list(fill), []
-        for seq, plen, p0 in pieces:
-            n = len(seq)
+        for group in groups:
+            n = sum(len(t) for t, _, _ in group)
             if n > length:
                 raise ValueError(f"row {e['row']}: {n} tokens do not fit a packed row of {length}")
             r = next((r for r in range(num_rows) if trial[r] + n <= length), None)
             if r is None:
                 break
-            where.append((r, trial[r], seq, plen, p0))
-            trial[r] += n
-        if len(where) < len(pieces):
+            for t, c, p0 in group:
+                where.append((r, trial[r], t, c, p0))
+                trial[r] += len(t)
+        if len(where) < sum(len(g) for g in groups):
             break
         fill = trial
         placed.append(where)

@@ -154,7 +154,7 @@ def _block_classes(lay: _Blocks, qpos, kpos, qseg, kseg, qpre, kvalid):
     full &= kv.all(2)[:, None, :] & in_range
     if qseg is not None:
         (qs_min, qs_max), (ks_min, ks_max) = ranges(qseg, lay.q_block), ranges(kseg, lay.kv_block)
-        (qp_min, qp_max) = ranges(qseg if qpre is None else qpre, lay.q_block)
+        qp_min, qp_max = (qs_min, qs_max) if qpre is None else ranges(qpre, lay.q_block)
         ks_min, ks_max = ks_min.swapaxes(1, 2), ks_max.swapaxes(1, 2)
 
         def disjoint(lo, hi):
